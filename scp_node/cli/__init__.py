@@ -1,0 +1,41 @@
+"""The ``scp-node`` command line (click)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..config import Config, ConfigError, load
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                             required=True, help="TOML configuration file.")
+
+
+def load_config(path: Path) -> Config:
+    """Load the config or exit 2 with the reason."""
+    try:
+        return load(path)
+    except ConfigError as exc:
+        click.echo(f"scp-node: {exc}", err=True)
+        sys.exit(2)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:  # pynetdicom logs every PDU at INFO: too chatty for a node that runs all day
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="scp-node")
+def main() -> None:
+    """scp_node: a DICOM node that analyses series with MedGemma and returns SRs to the PACS."""
+
+
+from . import audit, exports, models, serve, status  # noqa: E402,F401  (registers the commands)

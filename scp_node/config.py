@@ -1,0 +1,276 @@
+"""One configuration object, loaded once: a TOML file plus environment overrides.
+
+Every component receives the :class:`Config` (or the section it needs) from the CLI; nothing
+re-reads the file.  Environment variables override single keys as
+``SCP_NODE__<SECTION>__<KEY>=value`` (e.g. ``SCP_NODE__NODE__PORT=11113``); values are parsed as
+TOML scalars when they parse, else taken as strings.  Relative paths in the file are resolved
+against the file's own folder so that a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "SCP_NODE__"
+
+#: AE titles are 1-16 characters of the default character repertoire, no backslash or control chars.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The DIMSE service class provider: who we are on the network."""
+
+    ae_title: str = "SCPNODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    #: Largest P-DATA PDU we advertise; 0 means unlimited (pynetdicom's convention).
+    max_pdu_size: int = 1_048_576
+    max_associations: int = 16
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    #: Accept associations from any caller (never in production; the demo keeps the allow-list).
+    accept_unknown_callers: bool = False
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where received instances and the index live."""
+
+    database_url: str = "sqlite:///var/index.db"
+    storage_dir: Path = Path("var/storage")
+    #: What to do with a second copy of an already stored SOP Instance UID:
+    #: "keep_first" (answer success, keep the old file, audit) or "replace" (store the new bytes).
+    duplicate_policy: str = "keep_first"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Series completion (mercure's rules) and the job loops."""
+
+    #: A series is complete after this many seconds without a new instance.
+    series_stable_seconds: float = 60.0
+    #: Forced ceiling: a series that keeps receiving is analysed after this many seconds anyway.
+    series_max_wait_seconds: float = 5400.0
+    #: How often the completion, analysis and export loops look for work.
+    poll_seconds: float = 1.0
+    max_analysis_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The MedGemma engine."""
+
+    model_dir: Path = Path("var/model")
+    device: str = "auto"
+    max_new_tokens: int = 256
+    ct_max_slices: int = 85
+    #: Only for demos and tests: write a tiny random test model into model_dir on first start
+    #: when the folder is missing. A real-weights config never sets this.
+    create_test_model: bool = False
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Retries for returning SRs to the destinations (dcm4chee-style backoff, a kept dead state)."""
+
+    max_attempts: int = 8
+    backoff_initial_seconds: float = 5.0
+    backoff_multiplier: float = 2.0
+    backoff_max_seconds: float = 900.0
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit trail: where the HMAC key for patient identifiers lives."""
+
+    secret_file: Path = Path("var/audit.key")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """How the node names itself in the SRs it writes."""
+
+    institution_name: str = ""
+    station_name: str = "SCPNODE"
+    series_number: int = 9901
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A caller allowed to open associations: AE title and address must both match."""
+
+    ae_title: str
+    host: str
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where SRs are sent (DIMSE C-STORE SCP of the PACS)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    kind: str = "dimse"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``source`` is the file it came from (None for defaults)."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    peers: tuple[Peer, ...] = ()
+    destinations: tuple[Destination, ...] = ()
+    source: Path | None = None
+
+    @property
+    def var_dir(self) -> Path:
+        """Folder for run-time files (pid file, audit key): next to the storage folder."""
+        return self.store.storage_dir.parent
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeConfig,
+    "store": StoreConfig,
+    "scheduler": SchedulerConfig,
+    "engine": EngineConfig,
+    "export": ExportConfig,
+    "audit": AuditConfig,
+    "report": ReportConfig,
+}
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX):].lower().split("__")
+        if len(parts) != 2 or parts[0] not in _SECTIONS:
+            raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY> with a known section")
+        data.setdefault(parts[0], {})[parts[1]] = _parse_env_value(raw)
+
+
+def _coerce(section: str, cls: type, values: Mapping[str, Any], base: Path) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"[{section}] unknown key {key!r} (known: {', '.join(sorted(known))})")
+        default = known[key].default
+        try:
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise TypeError
+            elif isinstance(default, Path):
+                value = Path(str(value))
+                if not value.is_absolute():
+                    value = base / value
+            elif isinstance(default, float):
+                value = float(value)
+            elif isinstance(default, int):
+                if isinstance(value, bool) or int(value) != value:
+                    raise TypeError
+                value = int(value)
+            elif isinstance(default, str):
+                value = str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"[{section}] {key} = {value!r} is not a {type(default).__name__}") from None
+        kwargs[key] = value
+    obj = cls(**kwargs)
+    # Relative defaults are also anchored at the config folder.
+    for f in fields(cls):
+        current = getattr(obj, f.name)
+        if isinstance(current, Path) and not current.is_absolute():
+            object.__setattr__(obj, f.name, base / current)
+    return obj
+
+
+def _sqlite_url_relative_to(url: str, base: Path) -> str:
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        return prefix + str((base / url[len(prefix):]).resolve())
+    return url
+
+
+def _check_ae_title(where: str, value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ConfigError(f"{where}: AE title {value!r} must be 1-16 printable characters, no backslash")
+    return value
+
+
+def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | None = None,
+                 source: Path | None = None) -> Config:
+    """Build a :class:`Config` from parsed TOML data (plus environment overrides)."""
+    data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    _apply_env(data, os.environ if environ is None else environ)
+    unknown = set(data) - set(_SECTIONS) - {"peers", "destinations"}
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
+    sections = {name: _coerce(name, cls, data.get(name, {}), base) for name, cls in _SECTIONS.items()}
+    store: StoreConfig = sections["store"]
+    object.__setattr__(store, "database_url", _sqlite_url_relative_to(store.database_url, base))
+    if store.duplicate_policy not in ("keep_first", "replace"):
+        raise ConfigError("[store] duplicate_policy must be 'keep_first' or 'replace'")
+    node: NodeConfig = sections["node"]
+    _check_ae_title("[node] ae_title", node.ae_title)
+    if not 0 < node.port < 65536:
+        raise ConfigError(f"[node] port {node.port} is not a TCP port")
+
+    peers = []
+    for i, p in enumerate(data.get("peers", [])):
+        try:
+            peers.append(Peer(ae_title=_check_ae_title(f"[[peers]] #{i + 1}", str(p["ae_title"])),
+                              host=str(p["host"])))
+        except KeyError as exc:
+            raise ConfigError(f"[[peers]] #{i + 1} needs {exc.args[0]}") from None
+    dests = []
+    for i, d in enumerate(data.get("destinations", [])):
+        try:
+            dest = Destination(name=str(d["name"]),
+                               ae_title=_check_ae_title(f"[[destinations]] #{i + 1}", str(d["ae_title"])),
+                               host=str(d["host"]), port=int(d["port"]), kind=str(d.get("kind", "dimse")))
+        except KeyError as exc:
+            raise ConfigError(f"[[destinations]] #{i + 1} needs {exc.args[0]}") from None
+        if dest.kind != "dimse":
+            raise ConfigError(f"[[destinations]] {dest.name}: kind {dest.kind!r} is not supported (use 'dimse')")
+        dests.append(dest)
+    if len({d.name for d in dests}) != len(dests):
+        raise ConfigError("[[destinations]] names must be unique")
+    return Config(peers=tuple(peers), destinations=tuple(dests), source=source, **sections)
+
+
+def load(path: Path | str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file at ``path`` and apply environment overrides."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return from_mapping(data, path.resolve().parent, environ, source=path.resolve())

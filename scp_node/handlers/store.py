@@ -1,0 +1,48 @@
+"""C-STORE: keep the instance exactly as received, then answer.
+
+The encoded dataset from the association is written byte for byte (no decode/re-encode), so
+every transfer syntax a sender proposes is kept as is.  Success goes back only after
+:meth:`Ingestor.ingest` has made the file durable and committed the index row; any failure
+answers a failure status so the sender keeps its copy and resends.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+
+from ..audit import AuditTrail, Event
+from ..status import StoreStatus, status_dataset
+from ..store.ingest import Ingestor, InvalidInstance, Origin, StorageFailure
+
+log = logging.getLogger(__name__)
+
+
+def handle_store(event: evt.Event, ingestor: Ingestor, audit: AuditTrail) -> Dataset:
+    """EVT_C_STORE handler bound with the node's ingestor and audit trail."""
+    rq = event.assoc.requestor
+    origin = Origin(ae_title=str(rq.ae_title).strip(), address=str(rq.address), via="dimse")
+    sop_uid = str(event.request.AffectedSOPInstanceUID or "")[:64]
+    try:
+        data = event.encoded_dataset(include_meta=True)
+        ingestor.ingest(data, origin, expected_sop_class=str(event.context.abstract_syntax))
+    except InvalidInstance as exc:
+        status = (StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS if "does not match the presentation" in str(exc)
+                  else StoreStatus.CANNOT_UNDERSTAND)
+        return _refuse(audit, origin, sop_uid, status, str(exc))
+    except StorageFailure as exc:
+        return _refuse(audit, origin, sop_uid, StoreStatus.OUT_OF_RESOURCES, str(exc))
+    except Exception as exc:  # noqa: BLE001 - never answer success for an unexpected failure
+        log.exception("C-STORE processing failed")
+        return _refuse(audit, origin, sop_uid, StoreStatus.PROCESSING_FAILURE, type(exc).__name__)
+    return status_dataset(StoreStatus.SUCCESS)
+
+
+def _refuse(audit: AuditTrail, origin: Origin, sop_uid: str, status: StoreStatus, reason: str) -> Dataset:
+    log.warning("C-STORE refused (0x%04X): %s", status, reason)
+    audit.record(Event.INSTANCE_REJECTED, outcome="failure", ae_title=origin.ae_title, peer=origin.address,
+                 sop_uid=sop_uid if sop_uid.replace(".", "").isdigit() else "",
+                 detail=f"0x{int(status):04X} {reason}")
+    return status_dataset(status, reason)

@@ -1,0 +1,102 @@
+"""What `scp-node status` shows: is the node up, how deep are the queues, what failed last."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+
+from .config import Config
+from .store.db import Database
+from .store.models import (AnalysisJob, AuditEvent, ExportJob, ExportState, Instance, JobState, Series,
+                           SeriesState)
+
+
+@dataclass
+class NodeStatus:
+    running: bool
+    pid: int | None
+    ae_title: str
+    host: str
+    port: int
+    port_open: bool
+    instances: int
+    series_receiving: int
+    analysis: dict[str, int] = field(default_factory=dict)
+    exports: dict[str, int] = field(default_factory=dict)
+    dead_exports: list[dict[str, Any]] = field(default_factory=list)
+    last_errors: list[dict[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def collect(config: Config, db: Database, errors: int = 5) -> NodeStatus:
+    """Read the pid file and the index; never changes anything."""
+    from .node import PID_FILE
+
+    pid = None
+    try:
+        pid = int(json.loads((config.var_dir / PID_FILE).read_text())["pid"])
+    except (FileNotFoundError, ValueError, KeyError):
+        pass
+    running = pid is not None and _pid_alive(pid)
+    n = config.node
+    with db.session() as s:
+        def counts(model: Any, column: Any) -> dict[str, int]:
+            rows = s.execute(select(column, func.count()).select_from(model).group_by(column)).all()
+            return {getattr(k, "value", str(k)): int(v) for k, v in rows}
+
+        analysis = {st.value: 0 for st in JobState} | counts(AnalysisJob, AnalysisJob.state)
+        exports = {st.value: 0 for st in ExportState} | counts(ExportJob, ExportJob.state)
+        dead = [{"id": j.id, "destination": j.destination, "attempts": j.attempts, "error": j.last_error,
+                 "sop_instance_uid": j.report.sop_instance_uid}
+                for j in s.scalars(select(ExportJob).where(ExportJob.state == ExportState.DEAD).limit(20))]
+        last = [{"time": e.time.isoformat(timespec="seconds"), "event": e.event, "detail": e.detail}
+                for e in s.scalars(select(AuditEvent).where(AuditEvent.outcome == "failure")
+                                   .order_by(AuditEvent.id.desc()).limit(errors))]
+        instances = int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+        receiving = int(s.scalar(select(func.count()).select_from(Series)
+                                 .where(Series.state == SeriesState.RECEIVING)) or 0)
+    return NodeStatus(running=running, pid=pid if running else None, ae_title=n.ae_title, host=n.host,
+                      port=n.port, port_open=_port_open(n.host, n.port) if running else False,
+                      instances=instances, series_receiving=receiving, analysis=analysis, exports=exports,
+                      dead_exports=dead, last_errors=last)
+
+
+def render(st: NodeStatus) -> str:
+    lines = [f"node      {'running (pid %d)' % st.pid if st.running else 'not running'}",
+             f"listen    {st.ae_title} @ {st.host}:{st.port} ({'open' if st.port_open else 'closed'})",
+             f"index     {st.instances} instances, {st.series_receiving} series receiving",
+             "analysis  " + ", ".join(f"{k} {v}" for k, v in st.analysis.items()),
+             "exports   " + ", ".join(f"{k} {v}" for k, v in st.exports.items())]
+    for d in st.dead_exports:
+        lines.append(f"  dead export {d['id']} -> {d['destination']} after {d['attempts']} attempts: {d['error']}")
+    if st.dead_exports:
+        lines.append("  (retry with: scp-node exports retry --config FILE)")
+    lines.append("last errors" + ("" if st.last_errors else "  none"))
+    for e in st.last_errors:
+        lines.append(f"  {e['time']} {e['event']}: {e['detail']}")
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""The running node: one AE (the one place for network config), the index, the job loops.
+
+:class:`Node` wires the data path together — handlers -> store -> scheduler -> engine -> report
+-> export — and owns their life cycle: ``start`` (recover interrupted work, load the model,
+open the port, start the loops) and ``stop`` (close the port, let the running job reach its
+safe point, close the database).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from . import IMPLEMENTATION_VERSION_NAME, __version__
+from .audit import AuditTrail, Event, load_or_create_secret
+from .config import Config
+from .engine.result import AnalysisResult
+from .export import send_c_store
+from .handlers import AccessList, handle_aborted, handle_accepted, handle_echo, handle_requested, handle_store
+from .scheduler import analysis, exports
+from .scheduler.analysis import AnalysisQueue
+from .scheduler.completion import SeriesCompletion
+from .scheduler.exports import ExportQueue
+from .store.db import Database
+from .store.ingest import Ingestor
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "scp-node.pid"
+
+
+class StartupError(RuntimeError):
+    """The node cannot start; the message tells the admin what to fix."""
+
+
+def open_database(config: Config) -> tuple[Database, AuditTrail]:
+    """The index and the audit trail, as every command opens them."""
+    db = Database(config.store.database_url)
+    secret = load_or_create_secret(config.audit.secret_file)
+    return db, AuditTrail(db, secret)
+
+
+def prepare_model_dir(config: Config) -> None:
+    """Check the model folder; create the tiny test model only where the config asks for it."""
+    from .engine.modeldir import ModelDirError, check_model_dir
+
+    model_dir = config.engine.model_dir
+    if config.engine.create_test_model and not model_dir.exists():
+        from .engine.testmodel import make_test_model
+
+        log.warning("creating a tiny random TEST model in %s (engine.create_test_model = true); "
+                    "its reports have no clinical meaning", model_dir)
+        make_test_model(model_dir)
+    try:
+        check_model_dir(model_dir)
+    except ModelDirError as exc:
+        raise StartupError(f"{exc}\nSet [engine] model_dir to a folder holding MedGemma 1.5 weights "
+                           "(config.json, *.safetensors, tokenizer and processor files), copied in offline; "
+                           "see README 'Real MedGemma weights'.") from None
+
+
+class Node:
+    """scp_node as one process: DIMSE SCP, series completion, analysis and export loops."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.db, self.audit = open_database(config)
+        self.ingestor = Ingestor(self.db, config.store.storage_dir, self.audit, config.store.duplicate_policy)
+        self.ae = self._make_ae()
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self._server: Any = None
+        self._engine: Any = None
+        self._stopped = threading.Event()
+
+    # -- network -----------------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        n = self.config.node
+        ae = AE(ae_title=n.ae_title)
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ae.maximum_pdu_size = n.max_pdu_size
+        ae.maximum_associations = n.max_associations
+        ae.acse_timeout = n.acse_timeout
+        ae.dimse_timeout = n.dimse_timeout
+        ae.network_timeout = n.network_timeout
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def _handlers(self) -> list[Any]:
+        acl = AccessList(self.config.peers, accept_unknown=self.config.node.accept_unknown_callers)
+        return [
+            (evt.EVT_REQUESTED, handle_requested, [acl, self.config.node.ae_title, self.audit]),
+            (evt.EVT_ACCEPTED, handle_accepted, [self.audit]),
+            (evt.EVT_ABORTED, handle_aborted, [self.audit]),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [self.ingestor, self.audit]),
+        ]
+
+    # -- analysis ----------------------------------------------------------------------------
+    def _load_engine(self) -> Any:
+        from .engine.medgemma import MedGemmaEngine
+
+        e = self.config.engine
+        engine = MedGemmaEngine(e.model_dir, device=e.device, max_new_tokens=e.max_new_tokens,
+                                ct_max_slices=e.ct_max_slices)
+        engine.load()
+        ident = engine.identity
+        log.info("model loaded: %s %s on %s (%s)%s", ident.name, ident.version, ident.device, ident.dtype,
+                 " — TEST MODEL" if ident.is_test_model else "")
+        return engine
+
+    def _build_report(self, evidence: list[Dataset], result: AnalysisResult) -> Dataset:
+        from .report import ReportingNode, build_measurement_report
+
+        r = self.config.report
+        node = ReportingNode(ae_title=self.config.node.ae_title, station_name=r.station_name,
+                             institution_name=r.institution_name, software_version=__version__)
+        return build_measurement_report(evidence, result, node=node, series_number=r.series_number)
+
+    def _queues(self) -> tuple[SeriesCompletion, AnalysisQueue, ExportQueue]:
+        from .engine import SeriesSkipped
+        from .report import write_report
+
+        c = self.config
+        completion = SeriesCompletion(self.db, self.audit, c.scheduler.series_stable_seconds,
+                                      c.scheduler.series_max_wait_seconds)
+        analysis_q = AnalysisQueue(self.db, self.audit, c.store.storage_dir, self._engine, self._build_report,
+                                   write_report, c.destinations, c.scheduler.max_analysis_attempts,
+                                   skip_exceptions=(SeriesSkipped,))
+        timeout = c.node.network_timeout
+
+        def send(dest: Any, path: Path) -> object:
+            return send_c_store(dest, path, calling_ae_title=c.node.ae_title, timeout=timeout)
+
+        export_q = ExportQueue(self.db, self.audit, c.store.storage_dir, c.destinations, c.export, send)
+        return completion, analysis_q, export_q
+
+    @staticmethod
+    def _drain(run_once: Any, stopped: threading.Event) -> None:
+        """Run a queue until it is empty (or the node stops); called by the scheduler."""
+        while not stopped.is_set() and run_once():
+            pass
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        c = self.config
+        prepare_model_dir(c)
+        c.store.storage_dir.mkdir(parents=True, exist_ok=True)
+        n_jobs = analysis.requeue_interrupted(self.db, self.audit)
+        n_exp = exports.requeue_interrupted(self.db, self.audit)
+        if n_jobs or n_exp:
+            log.info("recovered %d interrupted analysis jobs and %d interrupted exports", n_jobs, n_exp)
+        self._engine = self._load_engine()
+        completion, analysis_q, export_q = self._queues()
+        try:
+            self._server = self.ae.start_server((c.node.host, c.node.port), block=False,
+                                                evt_handlers=self._handlers())
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {c.node.host}:{c.node.port}: {exc.strerror or exc}") from None
+        poll = c.scheduler.poll_seconds
+        common = dict(trigger="interval", seconds=poll, max_instances=1, coalesce=True)
+        self.scheduler.add_job(completion.run_once, id="series-completion", **common)
+        self.scheduler.add_job(self._drain, args=[analysis_q.run_once, self._stopped], id="analysis", **common)
+        self.scheduler.add_job(self._drain, args=[export_q.run_once, self._stopped], id="export", **common)
+        self.scheduler.start()
+        self._write_pid()
+        ident = self._engine.identity
+        self.audit.record(Event.NODE_STARTED, ae_title=c.node.ae_title, peer=f"{c.node.host}:{c.node.port}",
+                          detail=f"scp_node {__version__}; model {ident.name}"
+                                 + (" (TEST MODEL)" if ident.is_test_model else ""))
+        log.info("listening as %s on %s:%d", c.node.ae_title, c.node.host, c.node.port)
+
+    def stop(self) -> None:
+        """Stop accepting, let the running job reach its end, close everything."""
+        self._stopped.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        self.audit.record(Event.NODE_STOPPED, ae_title=self.config.node.ae_title)
+        self._remove_pid()
+        self.db.dispose()
+
+    @property
+    def pid_path(self) -> Path:
+        return self.config.var_dir / PID_FILE
+
+    def _write_pid(self) -> None:
+        c = self.config.node
+        self.pid_path.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_path.write_text(json.dumps({"pid": os.getpid(), "host": c.host, "port": c.port,
+                                             "ae_title": c.ae_title}))
+
+    def _remove_pid(self) -> None:
+        try:
+            self.pid_path.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,181 @@
+"""The analysis queue: pending -> running -> done / failed / skipped, kept in the DB.
+
+A job is claimed in one transaction (state RUNNING, attempts + 1) and finished in another that
+also stores the report row and queues one export per destination, so the SR a job produces is
+either fully recorded and queued, or not at all.  Jobs found RUNNING at start were interrupted
+by a stop: :func:`requeue_interrupted` puts them back to PENDING so each runs again exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select, update
+
+from ..audit import AuditTrail, Event
+from ..config import Destination
+from ..engine.result import AnalysisResult
+from ..store.db import Database
+from ..store.files import instance_path
+from ..store.models import (AnalysisJob, ExportJob, ExportState, Instance, JobState, Report, Series,
+                            utcnow)
+
+log = logging.getLogger(__name__)
+
+
+class SeriesAnalyser(Protocol):
+    """What the queue needs from the engine."""
+
+    def analyse_series(self, paths: list[Path]) -> AnalysisResult: ...
+
+
+#: Builds the SR dataset from the source headers and the engine's result.
+ReportBuilder = Callable[[list[Dataset], AnalysisResult], Dataset]
+#: Writes an SR dataset durably to a path (and checks it reads back).
+ReportWriter = Callable[[Dataset, Path], None]
+
+
+@dataclass
+class _Claim:
+    job_id: int
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    version: int
+    attempts: int
+    paths: list[Path]
+
+
+def requeue_interrupted(db: Database, audit: AuditTrail) -> int:
+    """Put jobs left RUNNING by a stop back to PENDING; return how many."""
+    with db.session() as session:
+        jobs = session.scalars(select(AnalysisJob).where(AnalysisJob.state == JobState.RUNNING)).all()
+        for job in jobs:
+            job.state = JobState.PENDING
+            audit.add(session, Event.ANALYSIS_REQUEUED, series_uid=job.series.series_instance_uid,
+                      study_uid=job.series.study.study_instance_uid,
+                      detail=f"job {job.id} was interrupted on attempt {job.attempts}; queued again")
+        return len(jobs)
+
+
+class AnalysisQueue:
+    """Runs pending analysis jobs one at a time through the engine, the report builder and writer."""
+
+    def __init__(self, db: Database, audit: AuditTrail, storage_dir: Path, engine: SeriesAnalyser,
+                 build_report: ReportBuilder, write_report: ReportWriter,
+                 destinations: tuple[Destination, ...], max_attempts: int = 3,
+                 skip_exceptions: tuple[type[BaseException], ...] = ()) -> None:
+        self.db = db
+        self.audit = audit
+        self.storage_dir = storage_dir
+        self.engine = engine
+        self.build_report = build_report
+        self.write_report = write_report
+        self.destinations = destinations
+        self.max_attempts = max_attempts
+        self.skip_exceptions = skip_exceptions
+
+    def run_once(self) -> bool:
+        """Claim and run one job; return False when there was nothing to do."""
+        claim = self._claim()
+        if claim is None:
+            return False
+        ids = dict(study_uid=claim.study_uid, series_uid=claim.series_uid, patient_id=claim.patient_id)
+        started = time.monotonic()
+        try:
+            result = self.engine.analyse_series(claim.paths)
+            evidence = [pydicom.dcmread(p, stop_before_pixels=True) for p in claim.paths]
+            sr = self.build_report(evidence, result)
+            rel = instance_path(sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID)
+            self.write_report(sr, self.storage_dir / rel)
+        except self.skip_exceptions as exc:
+            self._finish(claim, JobState.SKIPPED, str(exc), Event.ANALYSIS_SKIPPED, ids, outcome="warning")
+            return True
+        except Exception as exc:  # noqa: BLE001 - a failed job is recorded, never lost
+            log.exception("analysis job %d failed", claim.job_id)
+            final = claim.attempts >= self.max_attempts
+            self._finish(claim, JobState.FAILED if final else JobState.PENDING,
+                         f"{type(exc).__name__}: {exc}", Event.ANALYSIS_FAILED, ids, outcome="failure",
+                         extra=" (final)" if final else f" (attempt {claim.attempts} of {self.max_attempts})")
+            return True
+        self._done(claim, result, sr, rel, time.monotonic() - started, ids)
+        return True
+
+    def _claim(self) -> _Claim | None:
+        with self.db.session() as session:
+            job = session.scalars(select(AnalysisJob).where(AnalysisJob.state == JobState.PENDING)
+                                  .order_by(AnalysisJob.id).limit(1)).first()
+            if job is None:
+                return None
+            series: Series = job.series
+            ids = dict(study_uid=series.study.study_instance_uid, series_uid=series.series_instance_uid,
+                       patient_id=series.study.patient.patient_id)
+            if series.version > job.series_version:
+                # Instances arrived after this job was queued: the newer version's job covers them.
+                job.state = JobState.SKIPPED
+                job.error = f"superseded by series version {series.version}"
+                job.finished_at = utcnow()
+                self.audit.add(session, Event.ANALYSIS_SKIPPED, outcome="warning", detail=job.error, **ids)
+                return None
+            job.state = JobState.RUNNING
+            job.attempts += 1
+            job.started_at = utcnow()
+            rows = session.scalars(select(Instance).where(Instance.series_fk == series.id)
+                                   .order_by(Instance.instance_number, Instance.id)).all()
+            paths = [self.storage_dir / r.path for r in rows]
+            self.audit.add(session, Event.ANALYSIS_STARTED,
+                           detail=f"job {job.id}, attempt {job.attempts}, {len(paths)} instances", **ids)
+            return _Claim(job.id, ids["series_uid"], ids["study_uid"], ids["patient_id"], job.series_version,
+                          job.attempts, paths)
+
+    def _finish(self, claim: _Claim, state: JobState, error: str, event: str, ids: dict[str, str],
+                outcome: str, extra: str = "") -> None:
+        with self.db.session() as session:
+            job = session.get(AnalysisJob, claim.job_id)
+            assert job is not None
+            job.state = state
+            job.error = error[:4000]
+            if state is not JobState.PENDING:
+                job.finished_at = utcnow()
+            self.audit.add(session, event, outcome=outcome, detail=f"job {job.id}: {error[:500]}{extra}", **ids)
+
+    def _done(self, claim: _Claim, result: AnalysisResult, sr: Dataset, rel: Path, seconds: float,
+              ids: dict[str, str]) -> None:
+        with self.db.session() as session:
+            job = session.get(AnalysisJob, claim.job_id)
+            assert job is not None
+            report = Report(job=job, sop_instance_uid=str(sr.SOPInstanceUID),
+                            series_instance_uid=str(sr.SeriesInstanceUID),
+                            study_instance_uid=str(sr.StudyInstanceUID), path=rel.as_posix(),
+                            model_name=result.model.name[:128], is_test_model=result.model.is_test_model,
+                            findings_text=result.findings_text)
+            session.add(report)
+            for dest in self.destinations:
+                session.add(ExportJob(report=report, destination=dest.name, state=ExportState.PENDING))
+            job.state = JobState.DONE
+            job.error = ""
+            job.finished_at = utcnow()
+            self.audit.add(session, Event.ANALYSIS_FINISHED,
+                           detail=f"job {job.id}: {result.modality}, {len(result.sources)} images, "
+                                  f"{result.generated_tokens} tokens, {seconds:.1f} s, model {result.model.name}"
+                                  + (" (TEST MODEL)" if result.model.is_test_model else ""), **ids)
+            self.audit.add(session, Event.SR_CREATED, sop_uid=str(sr.SOPInstanceUID),
+                           detail=f"SR series {sr.SeriesInstanceUID}; exports queued: "
+                                  + (", ".join(d.name for d in self.destinations) or "none"),
+                           study_uid=ids["study_uid"], series_uid=ids["series_uid"], patient_id=ids["patient_id"])
+
+
+def requeue_failed(db: Database, audit: AuditTrail) -> int:
+    """Admin action: give every FAILED job a fresh set of attempts."""
+    with db.session() as session:
+        n = session.execute(update(AnalysisJob).where(AnalysisJob.state == JobState.FAILED)
+                            .values(state=JobState.PENDING, attempts=0)).rowcount
+        if n:
+            audit.add(session, Event.ANALYSIS_REQUEUED, detail=f"{n} failed jobs queued again by an admin")
+        return int(n or 0)

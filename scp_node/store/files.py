@@ -1,0 +1,77 @@
+"""File storage: instances kept byte for byte as received, written durably.
+
+A UID never becomes a path unchecked: :func:`instance_path` accepts only well-formed UIDs
+(digits and dots, at most 64 characters), so ``../`` or ``/`` in a UID cannot escape the
+storage folder.  Writes go to a temporary file in the target folder, are fsynced, renamed over
+the final name and the folder is fsynced, so a crash leaves either the old state or the whole
+new file, never a partial one under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from pathlib import Path
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID_LAX = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # leading zeros occur in the wild; still path-safe
+
+
+class UnsafeUID(ValueError):
+    """A UID that is missing, too long or not made of digits and dots."""
+
+
+def check_uid(value: object, what: str) -> str:
+    """Return ``value`` as a UID string or raise :class:`UnsafeUID` saying what is wrong."""
+    uid = str(value or "").strip().rstrip("\x00")
+    if not uid:
+        raise UnsafeUID(f"{what} is missing")
+    if len(uid) > 64:
+        raise UnsafeUID(f"{what} is longer than 64 characters")
+    if not _UID_LAX.match(uid):
+        raise UnsafeUID(f"{what} is not a UID (digits and dots only)")
+    return uid
+
+
+def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """Relative path of an instance: ``<study>/<series>/<sop>.dcm`` after checking each UID."""
+    return Path(check_uid(study_uid, "StudyInstanceUID"), check_uid(series_uid, "SeriesInstanceUID"),
+                check_uid(sop_uid, "SOPInstanceUID") + ".dcm")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a file the index did not accept (dcm4chee's 'delete in finally')."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,228 @@
+"""Accepting one instance: durable file + index rows + audit row, all or nothing.
+
+This is the one entry for every receive path (C-STORE now, STOW-RS later).  The order is
+dcm4chee's: write the file durably, commit the index rows (and the audit row) in one
+transaction, and in ``finally`` remove any file the index did not accept.  Only when
+:meth:`Ingestor.ingest` returns has the instance been kept; the caller may then answer success.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from ..audit import AuditTrail, Event
+from .db import Database
+from .files import UnsafeUID, check_uid, instance_path, remove_quietly, sha256_hex, write_durably
+from .models import Instance, Patient, Series, SeriesState, Study, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class IngestOutcome(str, enum.Enum):
+    STORED = "stored"
+    DUPLICATE_IDENTICAL = "duplicate-identical"  #: same bytes as the stored copy: nothing to do
+    DUPLICATE_KEPT_FIRST = "duplicate-kept-first"  #: different bytes, policy keep_first
+    REPLACED = "replaced"  #: different bytes, policy replace
+
+
+class InvalidInstance(ValueError):
+    """The bytes are not a usable DICOM instance (message says why; no patient data in it)."""
+
+
+class StorageFailure(RuntimeError):
+    """The instance could not be kept (disk or index); the sender must be told to resend."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who sent an instance."""
+
+    ae_title: str = ""
+    address: str = ""
+    via: str = "dimse"
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    value = ds.get(keyword, "")
+    return ("" if value is None else str(value))[:limit]
+
+
+def _int_or_none(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_header(data: bytes) -> Dataset:
+    """Parse the file meta and the header of a Part 10 byte string, without pixel data."""
+    try:
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        # Touch the attributes we index so that a broken element fails here, not later.
+        for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
+            ds.get(kw)
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, IndexError, OSError,
+            NotImplementedError, AttributeError, OverflowError) as exc:
+        raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
+    return ds
+
+
+@dataclass
+class Ingestor:
+    """Keeps instances in ``storage_dir`` and indexes them in ``db``."""
+
+    db: Database
+    storage_dir: Path
+    audit: AuditTrail
+    duplicate_policy: str = "keep_first"
+
+    def __post_init__(self) -> None:
+        # Same-UID races (two associations sending one instance) are serialised per process.
+        self._locks = [threading.Lock() for _ in range(64)]
+
+    def ingest(self, data: bytes, origin: Origin, expected_sop_class: str | None = None) -> IngestOutcome:
+        """Keep one Part 10 instance (preamble + meta + dataset, exactly as received)."""
+        ds = parse_header(data)
+        try:
+            sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+            sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID")
+            study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+            series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        except UnsafeUID as exc:
+            raise InvalidInstance(str(exc)) from None
+        if expected_sop_class and sop_class != expected_sop_class:
+            raise InvalidInstance("SOP Class UID of the dataset does not match the presentation context")
+        meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID") if ds.file_meta else None
+        if meta_sop and str(meta_sop) != sop_uid:
+            raise InvalidInstance("MediaStorageSOPInstanceUID does not match SOPInstanceUID")
+        rel = instance_path(study_uid, series_uid, sop_uid)
+        digest = sha256_hex(data)
+        with self._locks[hash(sop_uid) % len(self._locks)]:
+            return self._keep(ds, data, digest, rel, origin, sop_uid, sop_class, study_uid, series_uid)
+
+    def _keep(self, ds: Dataset, data: bytes, digest: str, rel: Path, origin: Origin, sop_uid: str,
+              sop_class: str, study_uid: str, series_uid: str) -> IngestOutcome:
+        path = self.storage_dir / rel
+        patient_id = _text(ds, "PatientID", 64)
+        audit_ids = dict(ae_title=origin.ae_title, peer=origin.address, study_uid=study_uid,
+                         series_uid=series_uid, sop_uid=sop_uid, patient_id=patient_id)
+        with self.db.session() as session:
+            existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).first()
+            if existing is not None:
+                if existing.sha256 == digest:
+                    self.audit.add(session, Event.INSTANCE_DUPLICATE, detail="identical bytes; ignored",
+                                   **audit_ids)
+                    return IngestOutcome.DUPLICATE_IDENTICAL
+                if self.duplicate_policy == "keep_first":
+                    self.audit.add(session, Event.INSTANCE_DUPLICATE, outcome="warning",
+                                   detail="different bytes; first copy kept (policy keep_first)", **audit_ids)
+                    return IngestOutcome.DUPLICATE_KEPT_FIRST
+        # New instance (or a replacement): write first, then index; remove the file if indexing fails.
+        tmp_for_replace = path.with_name(path.name + ".new") if path.exists() else None
+        target = tmp_for_replace or path
+        try:
+            write_durably(target, data)
+        except OSError as exc:
+            raise StorageFailure(f"cannot write file: {exc.strerror or exc}") from None
+        committed = False
+        try:
+            outcome = self._index(ds, data, digest, rel, origin, sop_uid, sop_class, study_uid, series_uid,
+                                  audit_ids)
+            if tmp_for_replace is not None:
+                tmp_for_replace.replace(path)
+            committed = True
+            return outcome
+        except (OperationalError, IntegrityError) as exc:
+            raise StorageFailure(f"index write failed: {type(exc).__name__}") from None
+        finally:
+            if not committed:
+                remove_quietly(target)
+
+    def _index(self, ds: Dataset, data: bytes, digest: str, rel: Path, origin: Origin, sop_uid: str,
+               sop_class: str, study_uid: str, series_uid: str, audit_ids: dict[str, str]) -> IngestOutcome:
+        for attempt in range(3):
+            try:
+                with self.db.session() as session:
+                    series = self._series(session, ds, study_uid, series_uid)
+                    existing = session.scalars(
+                        select(Instance).where(Instance.sop_instance_uid == sop_uid)).first()
+                    outcome = IngestOutcome.REPLACED if existing is not None else IngestOutcome.STORED
+                    inst = existing or Instance(sop_instance_uid=sop_uid)
+                    inst.sop_class_uid = sop_class
+                    inst.series = series
+                    inst.instance_number = _int_or_none(ds, "InstanceNumber")
+                    inst.transfer_syntax_uid = str(ds.file_meta.get("TransferSyntaxUID", ""))[:64]
+                    inst.path = rel.as_posix()
+                    inst.size = len(data)
+                    inst.sha256 = digest
+                    inst.received_at = utcnow()
+                    inst.calling_ae_title = origin.ae_title[:16]
+                    inst.peer_address = origin.address[:64]
+                    inst.series_version = series.version
+                    session.add(inst)
+                    event = Event.INSTANCE_STORED
+                    detail = f"{len(data)} bytes via {origin.via}"
+                    if outcome is IngestOutcome.REPLACED:
+                        detail += "; replaced a different copy (policy replace)"
+                    self.audit.add(session, event, detail=detail, **audit_ids)
+                return outcome
+            except IntegrityError:
+                # Another association created the same patient/study/series row first: retry.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _series(self, session: Session, ds: Dataset, study_uid: str, series_uid: str) -> Series:
+        series = session.scalars(select(Series).where(Series.series_instance_uid == series_uid)).first()
+        now = utcnow()
+        if series is None:
+            study = self._study(session, ds, study_uid)
+            series = Series(series_instance_uid=series_uid, study=study,
+                            modality=_text(ds, "Modality", 16),
+                            body_part_examined=_text(ds, "BodyPartExamined", 16),
+                            series_description=_text(ds, "SeriesDescription", 64),
+                            series_number=_int_or_none(ds, "SeriesNumber"),
+                            state=SeriesState.RECEIVING, version=1,
+                            first_received_at=now, last_received_at=now, version_started_at=now)
+            session.add(series)
+            session.flush()
+        elif series.state is SeriesState.COMPLETE:
+            # Late arrival: a new analysis version of this series starts collecting.
+            series.state = SeriesState.RECEIVING
+            series.version += 1
+            series.version_started_at = now
+            series.completed_at = None
+        series.last_received_at = now
+        return series
+
+    def _study(self, session: Session, ds: Dataset, study_uid: str) -> Study:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
+        if study is not None:
+            return study
+        key = dict(patient_id=_text(ds, "PatientID", 64),
+                   issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
+                   patient_name=_text(ds, "PatientName", 324))
+        patient = session.scalars(select(Patient).filter_by(**key)).first()
+        if patient is None:
+            patient = Patient(**key)
+            session.add(patient)
+        study = Study(study_instance_uid=study_uid, patient=patient,
+                      study_date=_text(ds, "StudyDate", 8),
+                      accession_number=_text(ds, "AccessionNumber", 16),
+                      study_description=_text(ds, "StudyDescription", 64))
+        session.add(study)
+        session.flush()
+        return study
