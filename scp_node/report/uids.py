@@ -8,9 +8,9 @@ by algorithm), and any change of weights gives a new one, without a registry to 
 
 from __future__ import annotations
 
-import scp_node
 from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
 
+import scp_node
 from scp_node.engine.result import ModelIdentity
 
 
@@ -28,9 +28,7 @@ def model_device_uid(model: ModelIdentity) -> UID:
     digest = model.weights_sha256.strip().lower()
     if not digest:
         raise ValueError("ModelIdentity.weights_sha256 is empty; cannot derive a Device UID")
-    return generate_uid(
-        prefix=PYDICOM_ROOT_UID, entropy_srcs=["scp_node model device", digest]
-    )
+    return generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=["scp_node model device", digest])
 
 
 def implementation_class_uid() -> UID:

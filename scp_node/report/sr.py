@@ -1,0 +1,249 @@
+"""Build the Comprehensive 3D SR (TID 1500) that carries one AnalysisResult back to the PACS.
+
+Document-level decisions (why):
+
+* Patient and study come from ``evidence`` through highdicom, never copied by hand, so the SR
+  files under exactly the study that was analysed.
+* A new series (default Series Number 9901) so AI output is never mixed into acquired series.
+* VerificationFlag UNVERIFIED and PreliminaryFlag PRELIMINARY: no physician has signed it.
+* CompletionFlag COMPLETE when the model produced text: the document then holds everything
+  this node will ever say about the series (content completeness, which is what the flag is
+  about; verification is a separate flag). PARTIAL when the answer was empty, because the
+  report then lacks its main content (a placeholder is written instead).
+* Specific Character Set ISO_IR 192 only when our text is not ASCII; otherwise the source's
+  set is kept, so old PACS that only handle the default repertoire are not bothered.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import pydicom
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import Comprehensive3DSR
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from scp_node import IMPLEMENTATION_VERSION_NAME
+from scp_node.engine.result import AnalysisResult
+from scp_node.report import codes
+from scp_node.report.content import SourceImage, build_content
+from scp_node.report.equipment import model_equipment
+from scp_node.report.node import ReportingNode
+from scp_node.report.text import (
+    EMPTY_FINDINGS_PLACEHOLDER,
+    REVIEW_STATEMENT,
+    TEST_MODEL_STATEMENT,
+    UTF8_CHARACTER_SET,
+    clean_text,
+    is_ascii,
+    series_description,
+)
+from scp_node.report.uids import implementation_class_uid, model_device_uid, new_uid
+
+logger = logging.getLogger(__name__)
+
+#: Type 2 attributes highdicom reads from ``evidence[0]`` with attribute access; real headers
+#: omit some of them (e.g. no Study ID in ``CR-MONO1-10-chest_barre.dcm``).
+_TYPE2_READ_BY_HIGHDICOM = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+_PATIENT_SEX_VALUES = {"M", "F", "O", ""}
+
+
+def _first_evidence_for_highdicom(first: Dataset) -> Dataset:
+    """A shallow copy of the first evidence header that highdicom can read without failing.
+
+    Missing Type 2 attributes are added empty (the SR must have them anyway, and empty is
+    what the source said). A Patient's Sex outside M/F/O would make highdicom raise; it is
+    written empty instead. Nothing else is changed; values are never logged.
+    """
+    patched = Dataset()
+    for element in first:
+        patched.add(element)
+    for keyword in _TYPE2_READ_BY_HIGHDICOM:
+        if keyword not in patched:
+            setattr(patched, keyword, None)
+    if str(patched.PatientSex or "").strip() not in _PATIENT_SEX_VALUES:
+        logger.warning("source Patient's Sex is not M/F/O; written empty in the SR")
+        patched.PatientSex = None
+    return patched
+
+
+def _resolve_sources(evidence: Sequence[Dataset], result: AnalysisResult) -> list[SourceImage]:
+    """Map ``result.sources`` to evidence headers, merging frames of the same instance.
+
+    No sources means the engine did not say which instances it used; then every evidence
+    instance counts as a source. A source missing from ``evidence`` is an upstream error:
+    the SR could not list it in the evidence sequence, so it is refused.
+    """
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
+    if not result.sources:
+        return [SourceImage(ds) for ds in by_uid.values()]
+    frames: OrderedDict[str, list[int]] = OrderedDict()
+    for ref in result.sources:
+        uid = str(ref.sop_instance_uid)
+        if uid not in by_uid:
+            raise ValueError(f"source instance {uid} is not among the evidence headers")
+        if str(by_uid[uid].SOPClassUID) != str(ref.sop_class_uid):
+            raise ValueError(f"source instance {uid} has a different SOP Class in the evidence")
+        frames.setdefault(uid, [])
+        if ref.frame_number is not None:
+            if ref.frame_number < 1:
+                raise ValueError(f"frame numbers are 1-based, got {ref.frame_number}")
+            if ref.frame_number not in frames[uid]:
+                frames[uid].append(ref.frame_number)
+    return [SourceImage(by_uid[uid], tuple(sorted(f))) for uid, f in frames.items()]
+
+
+def _check_evidence(evidence: Sequence[Dataset], series_instance_uid: str) -> None:
+    """One study only, and the SR series must be new (never one of the source series)."""
+    if not evidence:
+        raise ValueError("no evidence: the SR needs the source headers for patient and study")
+    studies = {str(ds.StudyInstanceUID) for ds in evidence}
+    if len(studies) != 1:
+        raise ValueError("evidence spans more than one study; one SR describes one study")
+    source_series = {str(ds.SeriesInstanceUID) for ds in evidence}
+    if series_instance_uid in source_series:
+        raise ValueError("series_instance_uid must be a new series, not a source series")
+
+
+def _content_datetime(value: datetime.datetime | None) -> datetime.datetime:
+    """Content date/time as local wall-clock time (DA/TM carry no offset)."""
+    if value is None:
+        return datetime.datetime.now().astimezone()
+    if value.tzinfo is None:
+        return value.astimezone()
+    return value
+
+
+def _utc_offset(value: datetime.datetime) -> str:
+    """Timezone Offset From UTC (SH, "+HHMM") of an aware datetime."""
+    offset = value.utcoffset() or datetime.timedelta(0)
+    minutes = int(offset.total_seconds() // 60)
+    sign = "+" if minutes >= 0 else "-"
+    minutes = abs(minutes)
+    return f"{sign}{minutes // 60:02d}{minutes % 60:02d}"
+
+
+def build_measurement_report(
+    evidence: Sequence[pydicom.Dataset],
+    result: AnalysisResult,
+    *,
+    node: ReportingNode,
+    series_instance_uid: str | None = None,
+    series_number: int = 9901,
+    instance_number: int = 1,
+    content_datetime: datetime.datetime | None = None,
+) -> Comprehensive3DSR:
+    """Build the AI findings SR for one analysed series.
+
+    ``evidence`` are the headers of the source instances (pixel data not needed); all must
+    belong to one study, and every ``result.sources`` entry must be among them. The returned
+    object is not written anywhere; use :func:`scp_node.report.storage.write_report`.
+    """
+    series_uid = str(series_instance_uid) if series_instance_uid else str(new_uid())
+    _check_evidence(evidence, series_uid)
+    sources = _resolve_sources(evidence, result)
+
+    when = _content_datetime(content_datetime)
+    model = result.model
+    device_uid = model_device_uid(model)
+
+    findings = clean_text(result.findings_text)
+    findings_value = findings if findings.strip() else EMPTY_FINDINGS_PLACEHOLDER
+
+    content = build_content(
+        result,
+        sources,
+        node=node,
+        device_uid=str(device_uid),
+        findings_text=findings_value,
+        tracking_uid=str(new_uid()),
+    )
+    equipment = model_equipment(
+        model,
+        node,
+        device_uid=str(device_uid),
+        prompt_profile=result.prompt_profile,
+        contribution_datetime=when,
+    )
+
+    our_text = [
+        findings_value,
+        REVIEW_STATEMENT,
+        TEST_MODEL_STATEMENT,
+        model.name,
+        model.version,
+        model.device,
+        model.dtype,
+        result.prompt_profile,
+        node.manufacturer,
+        node.institution_name,
+        node.manufacturer_model_name,
+        node.software_version,
+        node.effective_station_name,
+        node.device_serial_number,
+        node.institutional_department_name,
+    ]
+    character_set = (
+        evidence[0].get("SpecificCharacterSet") if is_ascii(our_text) else UTF8_CHARACTER_SET
+    )
+
+    first = _first_evidence_for_highdicom(evidence[0])
+    sr = Comprehensive3DSR(
+        evidence=[first, *evidence[1:]],
+        content=content[0],
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=str(new_uid()),
+        instance_number=instance_number,
+        manufacturer=node.manufacturer,
+        is_complete=bool(findings.strip()),
+        is_final=False,
+        is_verified=False,
+        institution_name=node.institution_name,
+        institutional_department_name=node.institutional_department_name,
+        contributing_equipment=[equipment],
+        series_description=series_description(model.is_test_model),
+        manufacturer_model_name=node.manufacturer_model_name,
+        software_versions=node.software_version,
+        device_serial_number=node.device_serial_number,
+        content_date=when.date(),
+        content_time=when.time().replace(tzinfo=None),
+        series_date=when.date(),
+        series_time=when.time().replace(tzinfo=None),
+        coding_schemes=[
+            CodingSchemeIdentificationItem(
+                designator=codes.IHE_CODING_SCHEME["designator"],
+                name=codes.IHE_CODING_SCHEME["name"],
+                responsible_organization=codes.IHE_CODING_SCHEME["responsible_organization"],
+            )
+        ],
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        specific_character_set=character_set,
+    )
+    sr.StationName = node.effective_station_name
+    if node.device_uid:
+        sr.DeviceUID = node.device_uid
+    sr.TimezoneOffsetFromUTC = _utc_offset(when)
+    sr.file_meta.ImplementationClassUID = implementation_class_uid()
+    sr.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    logger.info(
+        "built SR %s in series %s (%d source instances, completion %s)",
+        sr.SOPInstanceUID,
+        series_uid,
+        len(sources),
+        sr.CompletionFlag,
+    )
+    return sr

@@ -1,0 +1,1 @@
+"""Test support: real peers (Orthanc, DCMTK) and the node as a subprocess."""
