@@ -7,5 +7,7 @@ The package folders follow the data path: ``handlers`` (DIMSE events) -> ``store
 
 __version__ = "0.1.0"
 
-#: Implementation Class UID root for objects this node writes (pydicom's UID root + a fixed suffix).
+#: Implementation Class UID of this software (pydicom's root + a hash of a fixed name), sent in
+#: association requests/acceptances and written into the file meta of the SRs the node makes.
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.63294701435066588577108256602299457672"
 IMPLEMENTATION_VERSION_NAME = "SCPNODE_010"

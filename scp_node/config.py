@@ -164,6 +164,24 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
+@dataclass(frozen=True)
+class _EnvValue:
+    """An environment override, kept raw until the target key's type is known.
+
+    A string key must get the text as written: parsing first would turn ``1E2`` into
+    ``"100.0"``, ``0x1F`` into ``"31"`` or ``true`` into ``"True"``.
+    """
+
+    name: str
+    raw: str
+
+    def for_key(self, default: Any) -> Any:
+        parsed = _parse_env_value(self.raw)
+        if isinstance(default, (str, Path)) and not isinstance(parsed, str):
+            return self.raw
+        return parsed
+
+
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
@@ -171,34 +189,48 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         parts = name[len(ENV_PREFIX):].lower().split("__")
         if len(parts) != 2 or parts[0] not in _SECTIONS:
             raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY> with a known section")
-        data.setdefault(parts[0], {})[parts[1]] = _parse_env_value(raw)
+        section = data.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"[{parts[0]}] must be a table, not {type(section).__name__}")
+        section[parts[1]] = _EnvValue(name, raw)
 
 
-def _coerce(section: str, cls: type, values: Mapping[str, Any], base: Path) -> Any:
+def _coerce(section: str, cls: type, values: Any, base: Path) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"[{section}] must be a table, not {type(values).__name__}")
     known = {f.name: f for f in fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"[{section}] unknown key {key!r} (known: {', '.join(sorted(known))})")
         default = known[key].default
+        origin = ""
+        if isinstance(value, _EnvValue):
+            origin = f" (from {value.name})"
+            value = value.for_key(default)
         try:
             if isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise TypeError
             elif isinstance(default, Path):
-                value = Path(str(value))
+                if not isinstance(value, str):
+                    raise TypeError
+                value = Path(value)
                 if not value.is_absolute():
                     value = base / value
             elif isinstance(default, float):
+                if isinstance(value, bool):
+                    raise TypeError
                 value = float(value)
             elif isinstance(default, int):
                 if isinstance(value, bool) or int(value) != value:
                     raise TypeError
                 value = int(value)
             elif isinstance(default, str):
-                value = str(value)
+                if not isinstance(value, str):
+                    raise TypeError
         except (TypeError, ValueError):
-            raise ConfigError(f"[{section}] {key} = {value!r} is not a {type(default).__name__}") from None
+            raise ConfigError(f"[{section}] {key} = {value!r}{origin} is not a {type(default).__name__}") from None
         kwargs[key] = value
     obj = cls(**kwargs)
     # Relative defaults are also anchored at the config folder.
@@ -222,6 +254,14 @@ def _check_ae_title(where: str, value: str) -> str:
     return value
 
 
+def _tables(data: Mapping[str, Any], name: str) -> list[Mapping[str, Any]]:
+    """An array of tables (``[[name]]``), checked: a plain table or list of strings is an error."""
+    items = data.get(name, [])
+    if not isinstance(items, list) or not all(isinstance(t, Mapping) for t in items):
+        raise ConfigError(f"{name} must be an array of tables ([[{name}]] sections)")
+    return items
+
+
 def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | None = None,
                  source: Path | None = None) -> Config:
     """Build a :class:`Config` from parsed TOML data (plus environment overrides)."""
@@ -241,18 +281,21 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
         raise ConfigError(f"[node] port {node.port} is not a TCP port")
 
     peers = []
-    for i, p in enumerate(data.get("peers", [])):
+    for i, p in enumerate(_tables(data, "peers")):
         try:
             peers.append(Peer(ae_title=_check_ae_title(f"[[peers]] #{i + 1}", str(p["ae_title"])),
                               host=str(p["host"])))
         except KeyError as exc:
             raise ConfigError(f"[[peers]] #{i + 1} needs {exc.args[0]}") from None
     dests = []
-    for i, d in enumerate(data.get("destinations", [])):
+    for i, d in enumerate(_tables(data, "destinations")):
         try:
+            port = d["port"]
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ConfigError(f"[[destinations]] #{i + 1} port = {port!r} is not a TCP port")
             dest = Destination(name=str(d["name"]),
                                ae_title=_check_ae_title(f"[[destinations]] #{i + 1}", str(d["ae_title"])),
-                               host=str(d["host"]), port=int(d["port"]), kind=str(d.get("kind", "dimse")))
+                               host=str(d["host"]), port=port, kind=str(d.get("kind", "dimse")))
         except KeyError as exc:
             raise ConfigError(f"[[destinations]] #{i + 1} needs {exc.args[0]}") from None
         if dest.kind != "dimse":

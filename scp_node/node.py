@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from . import IMPLEMENTATION_VERSION_NAME, __version__
+from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, __version__
 from .audit import AuditTrail, Event, load_or_create_secret
 from .config import Config
 from .engine.result import AnalysisResult
@@ -85,6 +85,7 @@ class Node:
     def _make_ae(self) -> AE:
         n = self.config.node
         ae = AE(ae_title=n.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_pdu_size = n.max_pdu_size
         ae.maximum_associations = n.max_associations

@@ -204,7 +204,15 @@ def make_test_model(directory: Path, seed: int = 0) -> Path:
         SiglipVisionConfig,
     )
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     directory = Path(directory)
+    if (directory / "config.json").exists() and not (directory / TEST_MODEL_MARKER).exists():
+        raise FileExistsError(
+            f"{directory} already holds a model that is not an scp_node test model; "
+            "refusing to overwrite it (choose an empty directory)"
+        )
     directory.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _build_tokenizer()
@@ -254,11 +262,14 @@ def make_test_model(directory: Path, seed: int = 0) -> Path:
         generator = torch.Generator().manual_seed(seed + 1)
         proj = model.model.multi_modal_projector.mm_input_projection_weight
         proj.copy_(torch.randn(proj.shape, generator=generator) * 0.02)
+    # Same sampling defaults as the MedGemma checkpoints, so the engine's greedy override is exercised.
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<bos>"],
         eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
         pad_token_id=ids["<pad>"],
-        do_sample=False,
+        do_sample=True,
+        top_k=64,
+        top_p=0.95,
     )
     model.save_pretrained(directory, safe_serialization=True)
 

@@ -9,7 +9,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from .. import IMPLEMENTATION_VERSION_NAME
+from .. import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from ..config import Destination
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ def send_c_store(dest: Destination, path: Path, *, calling_ae_title: str, timeou
     """
     ds = pydicom.dcmread(path)
     ae = AE(ae_title=calling_ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = min(timeout, 15.0)

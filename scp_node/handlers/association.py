@@ -66,7 +66,8 @@ class AccessList:
 def handle_requested(event: evt.Event, acl: AccessList, our_ae_title: str, audit: AuditTrail) -> None:
     """EVT_REQUESTED: reject callers not on the allow-list before any negotiation."""
     rq = event.assoc.requestor
-    calling = str(rq.ae_title).strip()
+    # At EVT_REQUESTED the titles are only in the A-ASSOCIATE-RQ primitive (not yet copied to rq).
+    calling = str(rq.primitive.calling_ae_title).strip()
     called = str(rq.primitive.called_ae_title).strip()
     address = str(rq.address)
     reason = None

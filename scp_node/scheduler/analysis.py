@@ -99,30 +99,41 @@ class AnalysisQueue:
             return True
         except Exception as exc:  # noqa: BLE001 - a failed job is recorded, never lost
             log.exception("analysis job %d failed", claim.job_id)
-            final = claim.attempts >= self.max_attempts
-            self._finish(claim, JobState.FAILED if final else JobState.PENDING,
-                         f"{type(exc).__name__}: {exc}", Event.ANALYSIS_FAILED, ids, outcome="failure",
-                         extra=" (final)" if final else f" (attempt {claim.attempts} of {self.max_attempts})")
+            self._failed(claim, exc, ids)
             return True
-        self._done(claim, result, sr, rel, time.monotonic() - started, ids)
+        try:
+            self._done(claim, result, sr, rel, time.monotonic() - started, ids)
+        except Exception as exc:  # noqa: BLE001 - else the job would stay RUNNING until a restart
+            log.exception("analysis job %d: recording the report failed", claim.job_id)
+            self._failed(claim, exc, ids)
         return True
+
+    def _failed(self, claim: _Claim, exc: BaseException, ids: dict[str, str]) -> None:
+        final = claim.attempts >= self.max_attempts
+        self._finish(claim, JobState.FAILED if final else JobState.PENDING,
+                     f"{type(exc).__name__}: {exc}", Event.ANALYSIS_FAILED, ids, outcome="failure",
+                     extra=" (final)" if final else f" (attempt {claim.attempts} of {self.max_attempts})")
 
     def _claim(self) -> _Claim | None:
         with self.db.session() as session:
-            job = session.scalars(select(AnalysisJob).where(AnalysisJob.state == JobState.PENDING)
-                                  .order_by(AnalysisJob.id).limit(1)).first()
-            if job is None:
-                return None
-            series: Series = job.series
-            ids = dict(study_uid=series.study.study_instance_uid, series_uid=series.series_instance_uid,
-                       patient_id=series.study.patient.patient_id)
-            if series.version > job.series_version:
+            while True:
+                job = session.scalars(select(AnalysisJob).where(AnalysisJob.state == JobState.PENDING)
+                                      .order_by(AnalysisJob.id).limit(1)).first()
+                if job is None:
+                    return None
+                series: Series = job.series
+                ids = dict(study_uid=series.study.study_instance_uid, series_uid=series.series_instance_uid,
+                           patient_id=series.study.patient.patient_id)
+                if series.version <= job.series_version:
+                    break
                 # Instances arrived after this job was queued: the newer version's job covers them.
+                # Skip it and look at the next pending job (returning None here would tell the
+                # caller "nothing to do" while other jobs wait).
                 job.state = JobState.SKIPPED
                 job.error = f"superseded by series version {series.version}"
                 job.finished_at = utcnow()
                 self.audit.add(session, Event.ANALYSIS_SKIPPED, outcome="warning", detail=job.error, **ids)
-                return None
+                session.flush()
             job.state = JobState.RUNNING
             job.attempts += 1
             job.started_at = utcnow()

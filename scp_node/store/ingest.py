@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -19,12 +20,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ..audit import AuditTrail, Event
 from .db import Database
 from .files import UnsafeUID, check_uid, instance_path, remove_quietly, sha256_hex, write_durably
+from .integrity import IncompleteDataset, check_complete
 from .models import Instance, Patient, Series, SeriesState, Study, utcnow
 
 log = logging.getLogger(__name__)
@@ -68,14 +70,21 @@ def _int_or_none(ds: Dataset, keyword: str) -> int | None:
 
 
 def parse_header(data: bytes) -> Dataset:
-    """Parse the file meta and the header of a Part 10 byte string, without pixel data."""
+    """Parse the file meta and the header of a Part 10 byte string, refusing a cut-short one.
+
+    The whole byte string is checked for truncation (:func:`check_complete`): reading only the
+    header would accept an instance whose pixel data was cut off.
+    """
     try:
+        check_complete(data)
         ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
         # Touch the attributes we index so that a broken element fails here, not later.
         for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
             ds.get(kw)
+    except IncompleteDataset as exc:
+        raise InvalidInstance(f"incomplete dataset: {exc}") from None
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, IndexError, OSError,
-            NotImplementedError, AttributeError, OverflowError) as exc:
+            NotImplementedError, AttributeError, OverflowError, zlib.error) as exc:
         raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
     return ds
 
@@ -119,17 +128,22 @@ class Ingestor:
         patient_id = _text(ds, "PatientID", 64)
         audit_ids = dict(ae_title=origin.ae_title, peer=origin.address, study_uid=study_uid,
                          series_uid=series_uid, sop_uid=sop_uid, patient_id=patient_id)
-        with self.db.session() as session:
-            existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).first()
-            if existing is not None:
-                if existing.sha256 == digest:
-                    self.audit.add(session, Event.INSTANCE_DUPLICATE, detail="identical bytes; ignored",
-                                   **audit_ids)
-                    return IngestOutcome.DUPLICATE_IDENTICAL
-                if self.duplicate_policy == "keep_first":
-                    self.audit.add(session, Event.INSTANCE_DUPLICATE, outcome="warning",
-                                   detail="different bytes; first copy kept (policy keep_first)", **audit_ids)
-                    return IngestOutcome.DUPLICATE_KEPT_FIRST
+        try:
+            with self.db.session() as session:
+                existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).first()
+                old_rel = existing.path if existing is not None else None
+                if existing is not None:
+                    if existing.sha256 == digest:
+                        self.audit.add(session, Event.INSTANCE_DUPLICATE, detail="identical bytes; ignored",
+                                       **audit_ids)
+                        return IngestOutcome.DUPLICATE_IDENTICAL
+                    if self.duplicate_policy == "keep_first":
+                        self.audit.add(session, Event.INSTANCE_DUPLICATE, outcome="warning",
+                                       detail="different bytes; first copy kept (policy keep_first)", **audit_ids)
+                        return IngestOutcome.DUPLICATE_KEPT_FIRST
+        except SQLAlchemyError as exc:
+            # The index cannot be read or written: the sender must keep its copy and resend.
+            raise StorageFailure(f"index read failed: {type(exc).__name__}") from None
         # New instance (or a replacement): write first, then index; remove the file if indexing fails.
         tmp_for_replace = path.with_name(path.name + ".new") if path.exists() else None
         target = tmp_for_replace or path
@@ -144,8 +158,11 @@ class Ingestor:
             if tmp_for_replace is not None:
                 tmp_for_replace.replace(path)
             committed = True
+            if old_rel is not None and old_rel != rel.as_posix():
+                # The replaced copy lived under other study/series UIDs: nothing refers to it now.
+                remove_quietly(self.storage_dir / old_rel)
             return outcome
-        except (OperationalError, IntegrityError) as exc:
+        except SQLAlchemyError as exc:
             raise StorageFailure(f"index write failed: {type(exc).__name__}") from None
         finally:
             if not committed:

@@ -1,0 +1,55 @@
+"""Shared fixtures for the unit tests: a real SQLite index, a real audit trail, real DICOM files.
+
+Nothing here is autouse, so the integration tests (which run the node as a subprocess) are not
+affected.  Fixture names are prefixed (``index_db``, ``audit_trail``...) so that a folder's own
+conftest can define short names without clashing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from scp_node.audit import AuditTrail, load_or_create_secret
+from scp_node.store.db import Database
+from scp_node.store.ingest import Ingestor, Origin
+from tests.store.realdata import ORIGIN, read_bytes
+
+@pytest.fixture
+def index_db(tmp_path: Path) -> Iterator[Database]:
+    """A fresh SQLite index (WAL, BEGIN IMMEDIATE: the production configuration)."""
+    db = Database(f"sqlite:///{tmp_path / 'index.db'}")
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def audit_secret(tmp_path: Path) -> bytes:
+    return load_or_create_secret(tmp_path / "audit.key")
+
+
+@pytest.fixture
+def audit_trail(index_db: Database, audit_secret: bytes) -> AuditTrail:
+    return AuditTrail(index_db, audit_secret)
+
+
+@pytest.fixture
+def storage_dir(tmp_path: Path) -> Path:
+    return tmp_path / "storage"
+
+
+@pytest.fixture
+def ingestor(index_db: Database, storage_dir: Path, audit_trail: AuditTrail) -> Ingestor:
+    return Ingestor(index_db, storage_dir, audit_trail, "keep_first")
+
+
+@pytest.fixture
+def ingest_files(ingestor: Ingestor) -> Callable[..., list[Any]]:
+    """Ingest real files by path; returns the outcomes."""
+
+    def _ingest(*paths: Path, origin: Origin = ORIGIN) -> list[Any]:
+        return [ingestor.ingest(read_bytes(p), origin) for p in paths]
+
+    return _ingest

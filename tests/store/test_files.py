@@ -1,0 +1,69 @@
+"""File layer: UIDs never become unsafe paths; durable writes leave no temporary files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scp_node.store.files import UnsafeUID, check_uid, instance_path, remove_quietly, write_durably
+
+
+def test_instance_path_layout() -> None:
+    assert instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5") == Path("1.2.3/1.2.3.4/1.2.3.4.5.dcm")
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("1.2.840.10008.1.2", "1.2.840.10008.1.2"),
+    ("1.2.3\x00", "1.2.3"),  # UI padding byte
+    (" 1.2.3 ", "1.2.3"),
+    ("1.2.03", "1.2.03"),  # leading zero: not conformant, seen in the wild, still path-safe
+    ("1." + "2" * 62, "1." + "2" * 62),  # 64 characters
+])
+def test_check_uid_accepts(raw: str, expected: str) -> None:
+    assert check_uid(raw, "X") == expected
+
+
+@pytest.mark.parametrize("raw, message", [
+    (None, "missing"), ("", "missing"), ("\x00", "missing"),
+    ("1." + "2" * 63, "longer than 64"),
+    ("../x", "not a UID"), ("1.2/3", "not a UID"), ("..", "not a UID"), (".", "not a UID"),
+    ("1..2", "not a UID"), ("1.2.", "not a UID"), ("/1.2", "not a UID"), ("1.2\\3", "not a UID"),
+    ("1.2.3\n4", "not a UID"), ("1.2 3", "not a UID"),
+])
+def test_check_uid_refuses(raw: object, message: str) -> None:
+    with pytest.raises(UnsafeUID, match=f"StudyInstanceUID .*{message}|StudyInstanceUID is {message}"):
+        check_uid(raw, "StudyInstanceUID")
+
+
+def test_instance_path_refuses_each_part() -> None:
+    for args in (("../..", "1.2", "1.3"), ("1.2", "a/b", "1.3"), ("1.2", "1.3", "../../x")):
+        with pytest.raises(UnsafeUID):
+            instance_path(*args)
+
+
+def test_write_durably_writes_and_replaces_without_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "x.dcm"
+    write_durably(target, b"first")
+    assert target.read_bytes() == b"first"
+    write_durably(target, b"second, longer content")
+    assert target.read_bytes() == b"second, longer content"
+    assert [p.name for p in target.parent.iterdir()] == ["x.dcm"]
+
+
+def test_write_durably_failure_removes_its_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "x.dcm"
+    target.mkdir()  # rename over a folder fails after the temp file was written
+    (target / "keep").write_bytes(b"k")
+    with pytest.raises(OSError):
+        write_durably(target, b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.dcm"]
+    assert target.is_dir()
+
+
+def test_remove_quietly(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    remove_quietly(f)
+    assert not f.exists()
+    remove_quietly(f)  # a missing file is not an error

@@ -1,0 +1,430 @@
+"""Ingest: bytes kept as received, index rows, duplicate policy, refusals, no orphans, late arrivals."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from datetime import timedelta
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select, text
+
+from scp_node.audit import AuditTrail, Event
+from scp_node.scheduler.completion import SeriesCompletion
+from scp_node.store.db import Database
+from scp_node.store.ingest import (IngestOutcome, Ingestor, InvalidInstance, Origin, StorageFailure,
+                                   parse_header)
+from scp_node.store.models import AuditEvent, Instance, Patient, Series, SeriesState, Study
+from tests.store.realdata import (CT_PATIENT_ID, CT_SLICES, CXR_DX_J2K, CXR_UNCR, ORIGIN, SMALL_MR,
+                                  TS_CT_EXPLICIT, TS_CT_IMPLICIT, count, read_bytes, rewritten)
+
+# The refusal tests feed invalid UIDs on purpose; pydicom warns when it reads them.
+pytestmark = pytest.mark.filterwarnings("ignore:(Invalid value for VR UI|The value length):UserWarning")
+
+
+def stored_files(storage: Path) -> list[Path]:
+    return sorted(p for p in storage.rglob("*") if p.is_file()) if storage.exists() else []
+
+
+def audit_rows(db: Database, event: str | None = None) -> list[AuditEvent]:
+    with db.session() as s:
+        q = select(AuditEvent).order_by(AuditEvent.id)
+        if event:
+            q = q.where(AuditEvent.event == event)
+        return list(s.scalars(q))
+
+
+def instance_row(db: Database, sop_uid: str) -> Instance:
+    with db.session() as s:
+        row = s.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).one()
+        s.expunge(row)
+        return row
+
+
+# -- a new instance -----------------------------------------------------------------------------
+
+def test_cxr_is_stored_byte_for_byte_and_indexed(ingestor: Ingestor, index_db: Database,
+                                                storage_dir: Path) -> None:
+    data = read_bytes(CXR_UNCR)
+    ds = pydicom.dcmread(CXR_UNCR, stop_before_pixels=True)
+    origin = Origin(ae_title="MODALITY1", address="192.168.7.9", via="dimse")
+
+    assert ingestor.ingest(data, origin) is IngestOutcome.STORED
+
+    rel = Path(ds.StudyInstanceUID, ds.SeriesInstanceUID, f"{ds.SOPInstanceUID}.dcm")
+    stored = storage_dir / rel
+    assert stored.read_bytes() == data  # preamble, file meta and dataset exactly as received
+    assert stored.read_bytes()[128:132] == b"DICM"
+    assert stored_files(storage_dir) == [stored]  # no temporary file left next to it
+
+    with index_db.session() as s:
+        inst = s.scalars(select(Instance)).one()
+        assert inst.sop_instance_uid == ds.SOPInstanceUID
+        assert inst.sop_class_uid == ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.1"
+        assert inst.path == rel.as_posix()
+        assert inst.size == len(data) == stored.stat().st_size
+        assert inst.sha256 == hashlib.sha256(data).hexdigest()
+        assert inst.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+        assert inst.instance_number == 1
+        assert inst.calling_ae_title == "MODALITY1" and inst.peer_address == "192.168.7.9"
+        assert inst.series_version == 1
+        assert inst.received_at.tzinfo is not None
+        series = inst.series
+        assert series.series_instance_uid == ds.SeriesInstanceUID
+        assert (series.modality, series.body_part_examined, series.series_number) == ("CR", "CHEST", 1)
+        assert series.state is SeriesState.RECEIVING and series.version == 1
+        study = series.study
+        assert study.study_instance_uid == ds.StudyInstanceUID
+        assert study.study_date == "20040826"
+        assert study.accession_number == str(ds.AccessionNumber)
+        assert (study.patient.patient_id, study.patient.patient_name) == ("9RG1", "CompressedSamples^RG1")
+
+    (row,) = audit_rows(index_db, Event.INSTANCE_STORED)
+    assert row.sop_instance_uid == ds.SOPInstanceUID and row.ae_title == "MODALITY1"
+    assert row.peer == "192.168.7.9" and f"{len(data)} bytes via dimse" in row.detail
+
+
+def test_compressed_cxr_is_kept_compressed(ingestor: Ingestor, index_db: Database, storage_dir: Path) -> None:
+    data = read_bytes(CXR_DX_J2K)
+    assert ingestor.ingest(data, ORIGIN) is IngestOutcome.STORED
+    (stored,) = stored_files(storage_dir)
+    assert stored.read_bytes() == data
+    with index_db.session() as s:
+        inst = s.scalars(select(Instance)).one()
+        assert inst.transfer_syntax_uid == "1.2.840.10008.1.2.4.90"
+        assert inst.series.modality == "DX"
+
+
+def test_ct_slices_share_one_patient_study_series(ingest_files, index_db: Database, storage_dir: Path) -> None:
+    slices = CT_SLICES[:4]
+    assert ingest_files(*slices) == [IngestOutcome.STORED] * 4
+    for path in slices:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        target = storage_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        assert target.read_bytes() == path.read_bytes()
+        row = instance_row(index_db, ds.SOPInstanceUID)
+        assert row.instance_number == int(ds.InstanceNumber)
+    assert (count(index_db, Patient), count(index_db, Study), count(index_db, Series),
+            count(index_db, Instance)) == (1, 1, 1, 4)
+    with index_db.session() as s:
+        series = s.scalars(select(Series)).one()
+        assert series.modality == "CT" and series.body_part_examined == "CHEST"
+        assert series.series_number == 3000566
+        assert series.study.patient.patient_id == CT_PATIENT_ID
+        assert series.first_received_at <= series.last_received_at
+
+
+# -- duplicates -------------------------------------------------------------------------------
+
+def test_identical_copy_is_a_duplicate_without_a_new_row_or_rewrite(ingestor: Ingestor, index_db: Database,
+                                                                    storage_dir: Path) -> None:
+    data = read_bytes(CT_SLICES[0])
+    assert ingestor.ingest(data, ORIGIN) is IngestOutcome.STORED
+    (stored,) = stored_files(storage_dir)
+    inode = stored.stat().st_ino
+    received_at = instance_row(index_db, pydicom.dcmread(CT_SLICES[0], stop_before_pixels=True).SOPInstanceUID
+                               ).received_at
+
+    assert ingestor.ingest(data, Origin("OTHER", "10.9.9.9")) is IngestOutcome.DUPLICATE_IDENTICAL
+
+    assert count(index_db, Instance) == 1
+    assert stored_files(storage_dir) == [stored] and stored.stat().st_ino == inode  # not rewritten
+    (dup,) = audit_rows(index_db, Event.INSTANCE_DUPLICATE)
+    assert dup.outcome == "success" and "identical" in dup.detail and dup.ae_title == "OTHER"
+    assert len(audit_rows(index_db, Event.INSTANCE_STORED)) == 1
+    with index_db.session() as s:
+        assert s.scalars(select(Instance)).one().received_at == received_at
+
+
+def test_different_bytes_same_uid_keep_first(ingestor: Ingestor, index_db: Database, storage_dir: Path) -> None:
+    first, second = read_bytes(TS_CT_EXPLICIT), read_bytes(TS_CT_IMPLICIT)
+    assert first != second
+    uid = pydicom.dcmread(TS_CT_EXPLICIT, stop_before_pixels=True).SOPInstanceUID
+    assert pydicom.dcmread(TS_CT_IMPLICIT, stop_before_pixels=True).SOPInstanceUID == uid
+
+    assert ingestor.ingest(first, ORIGIN) is IngestOutcome.STORED
+    assert ingestor.ingest(second, ORIGIN) is IngestOutcome.DUPLICATE_KEPT_FIRST
+
+    (stored,) = stored_files(storage_dir)
+    assert stored.read_bytes() == first
+    row = instance_row(index_db, uid)
+    assert row.sha256 == hashlib.sha256(first).hexdigest()
+    assert row.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+    (dup,) = audit_rows(index_db, Event.INSTANCE_DUPLICATE)
+    assert dup.outcome == "warning" and "keep_first" in dup.detail and dup.sop_instance_uid == uid
+
+
+def test_different_bytes_same_uid_replace(index_db: Database, storage_dir: Path, audit_trail: AuditTrail) -> None:
+    ingestor = Ingestor(index_db, storage_dir, audit_trail, "replace")
+    first, second = read_bytes(TS_CT_EXPLICIT), read_bytes(TS_CT_IMPLICIT)
+    uid = pydicom.dcmread(TS_CT_EXPLICIT, stop_before_pixels=True).SOPInstanceUID
+
+    assert ingestor.ingest(first, ORIGIN) is IngestOutcome.STORED
+    assert ingestor.ingest(second, Origin("SECOND", "10.0.0.2")) is IngestOutcome.REPLACED
+
+    (stored,) = stored_files(storage_dir)  # swapped in place: no ".new" file, no second file
+    assert stored.read_bytes() == second
+    assert count(index_db, Instance) == 1
+    row = instance_row(index_db, uid)
+    assert row.sha256 == hashlib.sha256(second).hexdigest()
+    assert row.size == len(second)
+    assert row.transfer_syntax_uid == "1.2.840.10008.1.2"
+    assert row.calling_ae_title == "SECOND"
+    stored_events = audit_rows(index_db, Event.INSTANCE_STORED)
+    assert len(stored_events) == 2 and "replaced" in stored_events[1].detail
+    # the identical second copy is still just a duplicate under "replace"
+    assert ingestor.ingest(second, ORIGIN) is IngestOutcome.DUPLICATE_IDENTICAL
+
+
+def test_replace_with_other_series_uid_leaves_no_orphan(index_db: Database, storage_dir: Path,
+                                                        audit_trail: AuditTrail) -> None:
+    ingestor = Ingestor(index_db, storage_dir, audit_trail, "replace")
+    first = read_bytes(SMALL_MR)
+    moved = rewritten(SMALL_MR, SeriesInstanceUID="1.2.826.0.1.3680043.8.498.999")
+    uid = pydicom.dcmread(SMALL_MR, stop_before_pixels=True).SOPInstanceUID
+
+    assert ingestor.ingest(first, ORIGIN) is IngestOutcome.STORED
+    assert ingestor.ingest(moved, ORIGIN) is IngestOutcome.REPLACED
+
+    row = instance_row(index_db, uid)
+    assert "/1.2.826.0.1.3680043.8.498.999/" in row.path
+    assert stored_files(storage_dir) == [storage_dir / row.path]
+    assert (storage_dir / row.path).read_bytes() == moved
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"])
+@pytest.mark.parametrize("bad", ["../x", "1.2/3", "1.2.3/../../../etc/passwd", "1." + "2" * 63, "1.2.3a", ""])
+def test_unsafe_uids_are_refused_and_leave_no_file(ingestor: Ingestor, index_db: Database, storage_dir: Path,
+                                                   keyword: str, bad: str) -> None:
+    if bad == "" and keyword == "SOPInstanceUID":
+        data = rewritten(SMALL_MR, SOPInstanceUID=None)
+    else:
+        data = rewritten(SMALL_MR, **{keyword: bad})
+    with pytest.raises(InvalidInstance, match=keyword):
+        ingestor.ingest(data, ORIGIN)
+    assert stored_files(storage_dir) == []
+    assert not (storage_dir.parent / "etc").exists()
+    assert count(index_db, Instance) == 0 and count(index_db, Series) == 0
+
+
+def test_uid_of_exactly_64_characters_is_accepted(ingestor: Ingestor, storage_dir: Path) -> None:
+    uid = "1." + "2" * 62
+    assert len(uid) == 64
+    assert ingestor.ingest(rewritten(SMALL_MR, SOPInstanceUID=uid), ORIGIN) is IngestOutcome.STORED
+    assert [p.name for p in stored_files(storage_dir)] == [f"{uid}.dcm"]
+
+
+@pytest.mark.parametrize("data", [
+    b"",
+    b"hello, this is not DICOM at all" * 10,
+    b"\x00" * 128 + b"DICM" + b"\xff" * 64,
+    b"%PDF-1.7\n" + b"\x00" * 500,
+])
+def test_non_dicom_bytes_are_refused(ingestor: Ingestor, storage_dir: Path, index_db: Database,
+                                     data: bytes) -> None:
+    with pytest.raises(InvalidInstance):
+        ingestor.ingest(data, ORIGIN)
+    assert stored_files(storage_dir) == [] and count(index_db, Instance) == 0
+
+
+@pytest.mark.parametrize("path, keep", [
+    (CT_SLICES[0], 0.5),  # cut inside the pixel data
+    (CT_SLICES[0], 0.999),
+    (CXR_UNCR, 0.9),
+    (CXR_DX_J2K, 0.7),  # encapsulated pixel data without its delimiter
+    (TS_CT_EXPLICIT, 0.02),  # cut inside the header
+])
+def test_truncated_file_is_refused(ingestor: Ingestor, storage_dir: Path, index_db: Database,
+                                   path: Path, keep: float) -> None:
+    data = read_bytes(path)
+    with pytest.raises(InvalidInstance):
+        ingestor.ingest(data[:int(len(data) * keep)], ORIGIN)
+    assert stored_files(storage_dir) == [] and count(index_db, Instance) == 0
+
+
+def test_truncated_deflated_file_is_refused_as_invalid() -> None:
+    deflated = read_bytes(SMALL_MR.parents[2] / "cornerstone_ct" /
+                          "CTImage.dcm_DeflatedExplicitVRLittleEndianTransferSyntax_1.2.840.10008.1.2.1.99.dcm")
+    parse_header(deflated)  # whole: fine
+    with pytest.raises(InvalidInstance):
+        parse_header(deflated[: len(deflated) // 2])
+
+
+def test_sop_class_must_match_the_presentation_context(ingestor: Ingestor, storage_dir: Path) -> None:
+    with pytest.raises(InvalidInstance, match="does not match the presentation context"):
+        ingestor.ingest(read_bytes(SMALL_MR), ORIGIN, expected_sop_class="1.2.840.10008.5.1.4.1.1.2")
+    assert stored_files(storage_dir) == []
+
+
+def test_media_storage_uid_must_match(ingestor: Ingestor, storage_dir: Path) -> None:
+    ds = pydicom.dcmread(SMALL_MR)
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=False)  # keeps the (now inconsistent) file meta as set
+    with pytest.raises(InvalidInstance, match="MediaStorageSOPInstanceUID"):
+        ingestor.ingest(buf.getvalue(), ORIGIN)
+    assert stored_files(storage_dir) == []
+
+
+# -- index failures: no orphan file, StorageFailure -------------------------------------------
+
+def test_dropped_instances_table_is_a_storage_failure(ingestor: Ingestor, index_db: Database,
+                                                      storage_dir: Path) -> None:
+    with index_db.session() as s:
+        s.execute(text("DROP TABLE instances"))
+    with pytest.raises(StorageFailure, match="index"):
+        ingestor.ingest(read_bytes(CT_SLICES[0]), ORIGIN)
+    assert stored_files(storage_dir) == []
+
+
+def test_failed_index_commit_removes_the_written_file(ingestor: Ingestor, index_db: Database,
+                                                      storage_dir: Path) -> None:
+    # The duplicate check reads instances fine; the commit then fails on the audit insert.
+    with index_db.session() as s:
+        s.execute(text("DROP TABLE audit_events"))
+    with pytest.raises(StorageFailure, match="index write failed"):
+        ingestor.ingest(read_bytes(CT_SLICES[0]), ORIGIN)
+    assert stored_files(storage_dir) == []
+    assert count(index_db, Instance) == 0 and count(index_db, Series) == 0  # rolled back together
+
+
+def test_constraint_failure_on_every_retry_removes_the_file(ingestor: Ingestor, index_db: Database,
+                                                            storage_dir: Path) -> None:
+    with index_db.session() as s:
+        s.execute(text("CREATE TRIGGER no_inst BEFORE INSERT ON instances BEGIN SELECT RAISE(ABORT, 'no'); END"))
+    with pytest.raises(StorageFailure, match="IntegrityError"):
+        ingestor.ingest(read_bytes(CT_SLICES[0]), ORIGIN)
+    assert stored_files(storage_dir) == []
+    assert count(index_db, Instance) == 0
+
+
+def test_failed_replace_keeps_the_old_file_and_row(index_db: Database, storage_dir: Path,
+                                                   audit_trail: AuditTrail) -> None:
+    ingestor = Ingestor(index_db, storage_dir, audit_trail, "replace")
+    first, second = read_bytes(TS_CT_EXPLICIT), read_bytes(TS_CT_IMPLICIT)
+    ingestor.ingest(first, ORIGIN)
+    with index_db.session() as s:
+        s.execute(text("CREATE TRIGGER no_upd BEFORE UPDATE ON instances BEGIN SELECT RAISE(ABORT, 'no'); END"))
+    with pytest.raises(StorageFailure):
+        ingestor.ingest(second, ORIGIN)
+    (stored,) = stored_files(storage_dir)  # the ".new" file is gone
+    assert stored.read_bytes() == first
+    uid = pydicom.dcmread(TS_CT_EXPLICIT, stop_before_pixels=True).SOPInstanceUID
+    assert instance_row(index_db, uid).sha256 == hashlib.sha256(first).hexdigest()
+
+
+def test_unwritable_storage_is_a_storage_failure(index_db: Database, tmp_path: Path,
+                                                 audit_trail: AuditTrail) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(b"x")
+    ingestor = Ingestor(index_db, blocker, audit_trail)
+    with pytest.raises(StorageFailure, match="cannot write file"):
+        ingestor.ingest(read_bytes(SMALL_MR), ORIGIN)
+    assert count(index_db, Instance) == 0
+
+
+# -- late arrival, concurrency ----------------------------------------------------------------
+
+def test_late_arrival_after_completion_starts_a_new_version(ingestor: Ingestor, index_db: Database,
+                                                            audit_trail: AuditTrail) -> None:
+    for p in CT_SLICES[:2]:
+        ingestor.ingest(read_bytes(p), ORIGIN)
+    with index_db.session() as s:
+        last = s.scalars(select(Series)).one().last_received_at
+    assert SeriesCompletion(index_db, audit_trail, 5, 3600).run_once(now=last + timedelta(seconds=6)) == 1
+    with index_db.session() as s:
+        series = s.scalars(select(Series)).one()
+        assert series.state is SeriesState.COMPLETE and series.completed_at is not None
+
+    assert ingestor.ingest(read_bytes(CT_SLICES[2]), ORIGIN) is IngestOutcome.STORED
+
+    with index_db.session() as s:
+        series = s.scalars(select(Series)).one()
+        assert series.state is SeriesState.RECEIVING
+        assert series.version == 2
+        assert series.completed_at is None
+        assert series.version_started_at > last
+        versions = sorted(i.series_version for i in series.instances)
+        assert versions == [1, 1, 2]
+    # a duplicate of an old instance does not reopen anything
+    ingestor.ingest(read_bytes(CT_SLICES[0]), ORIGIN)
+    with index_db.session() as s:
+        assert s.scalars(select(Series)).one().version == 2
+
+
+def test_concurrent_ingest_of_one_new_series_creates_one_row_each(ingestor: Ingestor, index_db: Database,
+                                                                  storage_dir: Path) -> None:
+    payloads = [read_bytes(p) for p in CT_SLICES]
+    barrier = threading.Barrier(len(payloads))
+    outcomes: list[object] = []
+
+    def send(data: bytes) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(ingestor.ingest(data, ORIGIN))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=send, args=(d,)) for d in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert outcomes == [IngestOutcome.STORED] * len(payloads)
+    assert (count(index_db, Patient), count(index_db, Study), count(index_db, Series),
+            count(index_db, Instance)) == (1, 1, 1, len(payloads))
+    assert len(stored_files(storage_dir)) == len(payloads)
+
+
+def test_same_instance_from_two_threads_is_stored_once(ingestor: Ingestor, index_db: Database,
+                                                       storage_dir: Path) -> None:
+    data = read_bytes(CT_SLICES[0])
+    barrier = threading.Barrier(4)
+    outcomes: list[object] = []
+
+    def send() -> None:
+        barrier.wait()
+        outcomes.append(ingestor.ingest(data, ORIGIN))
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(o.value for o in outcomes) == sorted(["stored"] + ["duplicate-identical"] * 3)
+    assert count(index_db, Instance) == 1 and len(stored_files(storage_dir)) == 1
+
+
+class RacingIngestor(Ingestor):
+    """Loses the race for the series row once: another association inserted it first.
+
+    On SQLite (BEGIN IMMEDIATE) the race cannot happen for real; on a server database it can.
+    The first attempt inserts a conflicting series row as the other association would have,
+    which makes the flush fail with the real IntegrityError the retry path handles.
+    """
+
+    raced = False
+
+    def _series(self, session, ds, study_uid, series_uid):  # type: ignore[no-untyped-def]
+        if not self.raced:
+            self.raced = True
+            study = self._study(session, ds, study_uid)
+            session.add(Series(series_instance_uid=series_uid, study=study))
+            session.flush()  # unique series_instance_uid: IntegrityError
+        return super()._series(session, ds, study_uid, series_uid)
+
+
+def test_integrity_error_on_the_series_row_is_retried(index_db: Database, storage_dir: Path,
+                                                      audit_trail: AuditTrail) -> None:
+    Ingestor(index_db, storage_dir, audit_trail).ingest(read_bytes(CT_SLICES[0]), ORIGIN)
+    racing = RacingIngestor(index_db, storage_dir, audit_trail)
+    assert racing.ingest(read_bytes(CT_SLICES[1]), ORIGIN) is IngestOutcome.STORED
+    assert racing.raced
+    assert (count(index_db, Series), count(index_db, Instance)) == (1, 2)
+    assert len(stored_files(storage_dir)) == 2
+    assert len(audit_rows(index_db, Event.INSTANCE_STORED)) == 2  # the failed attempt left no row
