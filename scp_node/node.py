@@ -17,6 +17,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -68,6 +69,19 @@ def prepare_model_dir(config: Config) -> None:
                            "see README 'Real MedGemma weights'.") from None
 
 
+def preferred_transfer_syntaxes() -> list[str]:
+    """Every transfer syntax, encapsulated (compressed) ones first, Implicit VR last.
+
+    pynetdicom as acceptor picks, within one proposed presentation context, the first syntax of
+    *its own* list that the sender proposed.  A modality holding a JPEG 2000 image proposes it
+    first and uncompressed as a fallback; preferring the encapsulated syntaxes means it sends
+    the image as it has it, and we store exactly those bytes, with no transcoding on either side.
+    """
+    encapsulated = [ts for ts in ALL_TRANSFER_SYNTAXES if UID(ts).is_encapsulated]
+    native = [ts for ts in ALL_TRANSFER_SYNTAXES if not UID(ts).is_encapsulated and ts != ImplicitVRLittleEndian]
+    return encapsulated + native + [ImplicitVRLittleEndian]
+
+
 class Node:
     """scp_node as one process: DIMSE SCP, series completion, analysis and export loops."""
 
@@ -94,7 +108,7 @@ class Node:
         ae.network_timeout = n.network_timeout
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in StoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(cx.abstract_syntax, preferred_transfer_syntaxes())
         return ae
 
     def _handlers(self) -> list[Any]:

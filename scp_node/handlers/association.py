@@ -81,6 +81,9 @@ def handle_requested(event: evt.Event, acl: AccessList, our_ae_title: str, audit
     audit.record(Event.ASSOCIATION_REJECTED, outcome="failure", ae_title=calling, peer=address,
                  detail=reason[1])
     event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, reason[0])
+    # As pynetdicom's own ACSE does after a reject: wait until the DUL has sent the A-ASSOCIATE-RJ
+    # and closed, otherwise the socket is shut before the PDU leaves and the peer sees an abort.
+    event.assoc.kill()
 
 
 def handle_accepted(event: evt.Event, audit: AuditTrail) -> None:

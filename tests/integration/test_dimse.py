@@ -15,9 +15,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
 from tests.support.node import NodeProcess, start_node, write_config
 from tests.support.paths import CT_DIR, CXR, need_data, tool
@@ -63,8 +63,12 @@ def _echo(port: int, calling: str, called: str = "SCPNODE") -> subprocess.Comple
 def test_dcmtk_echo_and_store(node: NodeProcess) -> None:
     assert _echo(node.port, "ECHOSCU").returncode == 0
     files = [need_data(CXR / "RG1_J2KR.dcm")] + sorted(need_data(CT_DIR).glob("*.dcm"))[:5]
-    r = subprocess.run([tool("storescu"), "-aet", "STORESCU", "-aec", "SCPNODE", "-xs", "127.0.0.1",
-                        str(node.port), *map(str, files)], capture_output=True, text=True, timeout=120)
+    # -xv proposes JPEG 2000 lossless, so the file goes over the wire in its own transfer syntax.
+    r = subprocess.run([tool("storescu"), "-aet", "STORESCU", "-aec", "SCPNODE", "-xv", "127.0.0.1",
+                        str(node.port), str(files[0])], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([tool("storescu"), "-aet", "STORESCU", "-aec", "SCPNODE", "127.0.0.1",
+                        str(node.port), *map(str, files[1:])], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert _count_instances(node) == (6, 6)
     # Kept as received, byte for byte: the JPEG 2000 file is not re-encoded.
@@ -74,7 +78,7 @@ def test_dcmtk_echo_and_store(node: NodeProcess) -> None:
     assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID
     assert pydicom.dcmread(stored).PixelData == pydicom.dcmread(files[0]).PixelData
     # Same file again: success for the sender, audited as a duplicate, nothing new kept.
-    r = subprocess.run([tool("storescu"), "-aet", "STORESCU", "-aec", "SCPNODE", "-xs", "127.0.0.1",
+    r = subprocess.run([tool("storescu"), "-aet", "STORESCU", "-aec", "SCPNODE", "127.0.0.1",
                         str(node.port), str(files[1])], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     assert _count_instances(node) == (6, 6)
@@ -97,8 +101,11 @@ def test_unknown_callers_are_rejected_and_audited(node: NodeProcess, calling: st
 
 def _send_raw(port: int, path: Path) -> int:
     """C-STORE a file as its raw bytes (pynetdicom streams a path without decoding it)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    for sop_class in (CTImageStorage, MRImageStorage):
+        for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):  # one context each
+            ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title="SCPNODE")
     assert assoc.is_established
     try:
@@ -108,14 +115,19 @@ def _send_raw(port: int, path: Path) -> int:
     return int(rsp.Status)
 
 
-def _with_meta(body: bytes, out: Path, sop_uid: str | None = None) -> Path:
-    """A Part 10 file: a valid file meta header followed by ``body`` as the dataset bytes."""
+def _with_meta(body: bytes, out: Path) -> Path:
+    """A Part 10 file whose dataset is SOP Class/Instance UID followed by ``body`` (junk).
+
+    The two UIDs are there because pynetdicom's SCU reads them before it streams a file.
+    """
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.save_as(out, enforce_file_format=True)
     out.write_bytes(out.read_bytes() + body)
     return out
@@ -124,9 +136,8 @@ def _with_meta(body: bytes, out: Path, sop_uid: str | None = None) -> Path:
 def test_bad_datasets_get_a_failure_status_and_the_node_keeps_serving(node: NodeProcess, tmp_path: Path) -> None:
     ct = sorted(need_data(CT_DIR).glob("*.dcm"))[0]
     good = ct.read_bytes()
-    ds = pydicom.dcmread(ct)
     plain = pydicom.dcmread(ct)
-    plain.SOPInstanceUID = generate_uid()
+    plain.SOPInstanceUID = plain.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     cases = {
         "not DICOM": _with_meta(b"this is not a DICOM dataset at all" * 40, tmp_path / "junk.dcm"),
         "truncated in pixel data": tmp_path / "cut.dcm",
@@ -149,4 +160,3 @@ def test_bad_datasets_get_a_failure_status_and_the_node_keeps_serving(node: Node
     plain.save_as(tmp_path / "ok.dcm")
     assert _send_raw(node.port, tmp_path / "ok.dcm") == 0x0000
     assert _count_instances(node)[0] == before[0] + 1
-    del ds
