@@ -54,7 +54,7 @@ def _check_sr_file(orthanc: Orthanc, sr_series: dict, source: Path, out: Path) -
     v = subprocess.run([tool("dciodvfy"), str(out)], capture_output=True, text=True)
     errors = [ln for ln in (v.stdout + v.stderr).splitlines() if ln.startswith("Error")]
     assert v.returncode == 0 and not errors, v.stdout + v.stderr
-    d = subprocess.run([tool("dsrdump"), str(out)], capture_output=True, text=True)
+    d = subprocess.run([tool("dsrdump"), "+Pt", "+Pl", str(out)], capture_output=True, text=True)
     assert d.returncode == 0, d.stderr
     assert "1500" in d.stdout and "Imaging Measurement Report" in d.stdout, d.stdout[:2000]
     assert "TEST MODEL" in d.stdout.upper()
