@@ -142,15 +142,24 @@ class Node:
                              institution_name=r.institution_name, software_version=__version__)
         return build_measurement_report(evidence, result, node=node, series_number=r.series_number)
 
+    @staticmethod
+    def _write_report(sr: Dataset, path: Path, result: AnalysisResult) -> None:
+        """The SR, then its JSON findings sidecar (``<sop>.json`` beside it), both durably."""
+        from .report import findings_json, write_report
+        from .store.files import write_durably
+
+        write_report(sr, path)
+        sidecar = json.dumps(findings_json(sr, result), indent=2, ensure_ascii=False)
+        write_durably(path.with_suffix(".json"), sidecar.encode("utf-8"))
+
     def _queues(self) -> tuple[SeriesCompletion, AnalysisQueue, ExportQueue]:
         from .engine import SeriesSkipped
-        from .report import write_report
 
         c = self.config
         completion = SeriesCompletion(self.db, self.audit, c.scheduler.series_stable_seconds,
                                       c.scheduler.series_max_wait_seconds)
         analysis_q = AnalysisQueue(self.db, self.audit, c.store.storage_dir, self._engine, self._build_report,
-                                   write_report, c.destinations, c.scheduler.max_analysis_attempts,
+                                   self._write_report, c.destinations, c.scheduler.max_analysis_attempts,
                                    skip_exceptions=(SeriesSkipped,))
         timeout = c.node.network_timeout
 

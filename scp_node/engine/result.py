@@ -30,6 +30,54 @@ class SourceImageRef:
     frame_number: int | None = None  #: 1-based frame of a multi-frame instance, else None
 
 
+#: Coded finding types the model may name (the JSON schema's enum); "other" for anything else.
+#: The report maps each to a SNOMED CT concept (scp_node.report.codes).
+FINDING_TYPES: tuple[str, ...] = (
+    "no_acute_finding", "pleural_effusion", "pneumothorax", "consolidation", "nodule", "mass",
+    "cardiomegaly", "atelectasis", "pulmonary_edema", "fracture", "other",
+)
+TRIAGE_VALUES: tuple[str, ...] = ("normal", "abnormal", "urgent")
+
+
+@dataclass(frozen=True)
+class ImageRegion:
+    """A box the model drew, mapped back to one source image's own pixel grid.
+
+    ``box_2d`` is the model's [y0, x0, y1, x1] on the 0-1000 grid of the zero-padded square input;
+    ``row0..col1`` are the same box in the source image's pixels (0-based, ordered, clipped to
+    Rows x Columns).  ``source_index`` says which entry of ``AnalysisResult.sources`` it is on.
+    """
+
+    source_index: int
+    box_2d: tuple[int, int, int, int]
+    row0: float
+    col0: float
+    row1: float
+    col1: float
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One finding of the structured answer."""
+
+    finding_type: str  #: one of FINDING_TYPES
+    description: str = ""
+    location: str = ""
+    size_mm: float | None = None
+    region: ImageRegion | None = None
+
+
+@dataclass(frozen=True)
+class StructuredFindings:
+    """The model's JSON answer, parsed and validated."""
+
+    findings: tuple[Finding, ...] = ()
+    impression: str = ""
+    recommendation: str = ""
+    image_quality: str = "adequate"  #: "adequate" or "limited" (the quality gate)
+    triage: str = "normal"  #: one of TRIAGE_VALUES
+
+
 @dataclass
 class AnalysisResult:
     """What the engine says about one series."""
@@ -41,3 +89,8 @@ class AnalysisResult:
     prompt_profile: str = "default"  #: name of the prompt profile used
     generated_tokens: int = 0
     seconds: float = 0.0
+    #: The parsed structured answer; None when the model's text could not be parsed (then
+    #: ``parse_error`` says why and the free text is the report).
+    structured: StructuredFindings | None = None
+    parse_error: str = ""
+    language: str = "en"  #: report language: "en" or "zh"

@@ -37,8 +37,9 @@ class SeriesAnalyser(Protocol):
 
 #: Builds the SR dataset from the source headers and the engine's result.
 ReportBuilder = Callable[[list[Dataset], AnalysisResult], Dataset]
-#: Writes an SR dataset durably to a path (and checks it reads back).
-ReportWriter = Callable[[Dataset, Path], None]
+#: Writes an SR dataset durably to a path (and checks it reads back), plus whatever goes beside it
+#: (the JSON findings sidecar); gets the result for that.
+ReportWriter = Callable[[Dataset, Path, AnalysisResult], object]
 
 
 @dataclass
@@ -93,7 +94,7 @@ class AnalysisQueue:
             evidence = [pydicom.dcmread(p, stop_before_pixels=True) for p in claim.paths]
             sr = self.build_report(evidence, result)
             rel = instance_path(sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID)
-            self.write_report(sr, self.storage_dir / rel)
+            self.write_report(sr, self.storage_dir / rel, result)
         except self.skip_exceptions as exc:
             self._finish(claim, JobState.SKIPPED, str(exc), Event.ANALYSIS_SKIPPED, ids, outcome="warning")
             return True

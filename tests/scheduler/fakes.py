@@ -60,7 +60,7 @@ def build_report(evidence: list[Dataset], result: AnalysisResult) -> Dataset:
 class FakeWriter:
     written: list[Path] = field(default_factory=list)
 
-    def __call__(self, sr: Dataset, path: Path) -> None:
+    def __call__(self, sr: Dataset, path: Path, result: AnalysisResult | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"SR {sr.SOPInstanceUID}: {sr.TextValue}")
         self.written.append(path)
