@@ -62,3 +62,28 @@ def test_demo_config_creates_the_test_model_and_status_reports(tmp_path: Path) -
     r = cli("audit", "tail", "--config", str(demo))
     assert "node.started" in r.stdout and "TEST MODEL" in r.stdout and "node.stopped" in r.stdout
     shutil.rmtree(tmp_path / "var")
+
+
+def test_audit_tail_follow_prints_new_events_as_they_happen(tmp_path: Path, test_model_dir: Path) -> None:
+    """`audit tail --follow` keeps printing, like `tail -f`: start it, then make events happen."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.support.node import _env
+
+    port = free_port()
+    config = write_config(tmp_path, model_dir=test_model_dir, port=port, peers=[("ECHOSCU", "127.0.0.1")])
+    cli("status", "--config", str(config))  # creates the empty index
+    follower = subprocess.Popen([sys.executable, "-m", "scp_node", "audit", "tail", "--config", str(config),
+                                 "--follow", "--interval", "0.2"], stdout=subprocess.PIPE, text=True,
+                                cwd=REPO, env=_env(), stdin=subprocess.DEVNULL)
+    try:
+        node = start_node(config, port)
+        node.stop()
+        time.sleep(2)  # a few poll intervals
+    finally:
+        follower.terminate()
+        seen, _ = follower.communicate(timeout=10)
+    # Both events were written after the follower had printed the (empty) history.
+    assert "node.started" in seen and "node.stopped" in seen, seen
