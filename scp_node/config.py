@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,6 +41,11 @@ class NodeConfig:
     network_timeout: float = 60.0
     #: Accept associations from any caller (never in production; the demo keeps the allow-list).
     accept_unknown_callers: bool = False
+    #: DICOM TLS (PS3.15 B.1): PEM certificate and key of the node; both set means every
+    #: association is TLS. With tls_ca set, callers must present a certificate signed by that CA.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,10 @@ class StoreConfig:
     #: What to do with a second copy of an already stored SOP Instance UID:
     #: "keep_first" (answer success, keep the old file, audit) or "replace" (store the new bytes).
     duplicate_policy: str = "keep_first"
+    #: Disk guard: refuse stores (0xA700 Out of Resources) when the storage folder's file system
+    #: would keep less free space than this many bytes, or this percentage of its size.
+    min_free_bytes: int = 1_073_741_824
+    min_free_percent: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,33 @@ class EngineConfig:
     #: Only for demos and tests: write a tiny random test model into model_dir on first start
     #: when the folder is missing. A real-weights config never sets this.
     create_test_model: bool = False
+    #: Grammar-constrained JSON answers (xgrammar); false: same JSON prompt, parsed leniently.
+    structured: bool = True
+    #: Report language: "en" or "zh" (a prompt profile may set its own).
+    language: str = "en"
+    #: Series analysed together in one batched generation (halved on CUDA out-of-memory).
+    max_batch: int = 4
+    #: Static KV cache, compiled by transformers on CUDA (slow first batch, faster after).
+    compile: bool = False
+    #: Bounds of the JSON answer (they fix the longest possible answer in tokens).
+    max_findings: int = 6
+    max_text_chars: int = 300
+    #: ``[engine.prompts.<name>]`` tables: modalities, body_parts, instruction, question,
+    #: label_images, default_body_part, language. Tried before the built-in defaults.
+    prompts: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        from .engine.prompts import validate_profiles  # light: no torch
+
+        if self.language not in ("en", "zh"):
+            raise ConfigError(f"[engine] language = {self.language!r} must be 'en' or 'zh'")
+        for key in ("max_batch", "max_findings", "max_text_chars", "max_new_tokens", "ct_max_slices"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"[engine] {key} must be at least 1")
+        try:
+            validate_profiles(self.prompts)
+        except ValueError as exc:
+            raise ConfigError(f"[engine.prompts] {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -107,6 +143,21 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The DICOMweb service (STOW-RS, QIDO-RS, WADO-RS); present only when ``[web]`` is configured."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: SHA-256 (hex) of each accepted bearer token; the tokens themselves are never stored.
+    token_sha256: tuple[str, ...] = ()
+    #: Largest accepted request body (STOW-RS), checked while the body streams in.
+    max_body_bytes: int = 2 * 1024**3
+    #: PEM certificate and key; both set means HTTPS. Relative paths: from the config file's folder.
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@dataclass(frozen=True)
 class Peer:
     """A caller allowed to open associations: AE title and address must both match."""
 
@@ -116,13 +167,23 @@ class Peer:
 
 @dataclass(frozen=True)
 class Destination:
-    """Where SRs are sent (DIMSE C-STORE SCP of the PACS)."""
+    """Where SRs are sent: a DIMSE C-STORE SCP (kind "dimse") or a DICOMweb STOW-RS service
+    (kind "dicomweb": ``url`` is the service root, host/port are taken from it for the audit)."""
 
     name: str
     ae_title: str
     host: str
     port: int
     kind: str = "dimse"
+    url: str = ""
+    #: Bearer token for a dicomweb destination; kept out of repr so it never reaches a log.
+    token: str = field(default="", repr=False)
+    #: DICOM TLS to a dimse destination: verify its certificate against ``tls_ca`` (PEM; empty means
+    #: the system store); ``tls_cert``/``tls_key`` are our client certificate when it asks for one.
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,6 +200,7 @@ class Config:
     peers: tuple[Peer, ...] = ()
     destinations: tuple[Destination, ...] = ()
     source: Path | None = None
+    web: WebConfig | None = None
 
     @property
     def var_dir(self) -> Path:
@@ -155,6 +217,8 @@ _SECTIONS: dict[str, type] = {
     "audit": AuditConfig,
     "report": ReportConfig,
 }
+#: Sections that switch a service on by being present (None on Config when absent).
+_OPTIONAL_SECTIONS: dict[str, type] = {"web": WebConfig}
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -187,7 +251,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if not name.startswith(ENV_PREFIX):
             continue
         parts = name[len(ENV_PREFIX):].lower().split("__")
-        if len(parts) != 2 or parts[0] not in _SECTIONS:
+        if len(parts) != 2 or (parts[0] not in _SECTIONS and parts[0] not in _OPTIONAL_SECTIONS):
             raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY> with a known section")
         section = data.setdefault(parts[0], {})
         if not isinstance(section, dict):
@@ -204,6 +268,8 @@ def _coerce(section: str, cls: type, values: Any, base: Path) -> Any:
         if key not in known:
             raise ConfigError(f"[{section}] unknown key {key!r} (known: {', '.join(sorted(known))})")
         default = known[key].default
+        if default is MISSING and known[key].default_factory is not MISSING:
+            default = known[key].default_factory()
         origin = ""
         if isinstance(value, _EnvValue):
             origin = f" (from {value.name})"
@@ -229,8 +295,18 @@ def _coerce(section: str, cls: type, values: Any, base: Path) -> Any:
             elif isinstance(default, str):
                 if not isinstance(value, str):
                     raise TypeError
+            elif isinstance(default, dict):  # nested tables, e.g. [engine.prompts.<name>]
+                if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+                    raise TypeError
+                value = {str(k): dict(v) for k, v in value.items()}
+            elif isinstance(default, tuple):  # lists of strings (e.g. token hashes)
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise TypeError
+                value = tuple(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"[{section}] {key} = {value!r}{origin} is not a {type(default).__name__}") from None
+            what = ("list of strings" if isinstance(default, tuple) else "table of tables"
+                    if isinstance(default, dict) else type(default).__name__)
+            raise ConfigError(f"[{section}] {key} = {value!r}{origin} is not a {what}") from None
         kwargs[key] = value
     obj = cls(**kwargs)
     # Relative defaults are also anchored at the config folder.
@@ -267,7 +343,7 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     """Build a :class:`Config` from parsed TOML data (plus environment overrides)."""
     data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
     _apply_env(data, os.environ if environ is None else environ)
-    unknown = set(data) - set(_SECTIONS) - {"peers", "destinations"}
+    unknown = set(data) - set(_SECTIONS) - set(_OPTIONAL_SECTIONS) - {"peers", "destinations"}
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
     sections = {name: _coerce(name, cls, data.get(name, {}), base) for name, cls in _SECTIONS.items()}
@@ -279,6 +355,9 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     _check_ae_title("[node] ae_title", node.ae_title)
     if not 0 < node.port < 65536:
         raise ConfigError(f"[node] port {node.port} is not a TCP port")
+    _node_tls(node, base)
+    if store.min_free_bytes < 0 or not 0 <= store.min_free_percent < 100:
+        raise ConfigError("[store] min_free_bytes must be >= 0 and min_free_percent in [0, 100)")
 
     peers = []
     for i, p in enumerate(_tables(data, "peers")):
@@ -287,23 +366,107 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
                               host=str(p["host"])))
         except KeyError as exc:
             raise ConfigError(f"[[peers]] #{i + 1} needs {exc.args[0]}") from None
+    web = _web_config(data["web"], base) if "web" in data else None
     dests = []
     for i, d in enumerate(_tables(data, "destinations")):
+        if isinstance(d.get("kind"), str) and d["kind"] == "dicomweb":
+            dests.append(_dicomweb_destination(i, d))
+            continue
         try:
             port = d["port"]
             if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                 raise ConfigError(f"[[destinations]] #{i + 1} port = {port!r} is not a TCP port")
             dest = Destination(name=str(d["name"]),
                                ae_title=_check_ae_title(f"[[destinations]] #{i + 1}", str(d["ae_title"])),
-                               host=str(d["host"]), port=port, kind=str(d.get("kind", "dimse")))
+                               host=str(d["host"]), port=port, kind=str(d.get("kind", "dimse")),
+                               **_destination_tls(i, d, base))
         except KeyError as exc:
             raise ConfigError(f"[[destinations]] #{i + 1} needs {exc.args[0]}") from None
         if dest.kind != "dimse":
-            raise ConfigError(f"[[destinations]] {dest.name}: kind {dest.kind!r} is not supported (use 'dimse')")
+            raise ConfigError(f"[[destinations]] {dest.name}: kind {dest.kind!r} is not supported "
+                              "(use 'dimse' or 'dicomweb')")
         dests.append(dest)
     if len({d.name for d in dests}) != len(dests):
         raise ConfigError("[[destinations]] names must be unique")
-    return Config(peers=tuple(peers), destinations=tuple(dests), source=source, **sections)
+    return Config(peers=tuple(peers), destinations=tuple(dests), source=source, web=web, **sections)
+
+
+def _destination_tls(i: int, d: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """``tls = true`` (+ ``tls_ca``, ``tls_cert``, ``tls_key``) of a dimse destination, paths anchored at ``base``."""
+    where = f"[[destinations]] #{i + 1}"
+    tls = d.get("tls", False)
+    if not isinstance(tls, bool):
+        raise ConfigError(f"{where} tls must be true or false")
+    out: dict[str, Any] = {"tls": tls}
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        value = d.get(key, "")
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} {key} must be a path string")
+        out[key] = str(base / value) if value and not Path(value).is_absolute() else value
+    if bool(out["tls_cert"]) != bool(out["tls_key"]):
+        raise ConfigError(f"{where} tls_cert and tls_key must be set together")
+    return out
+
+
+def _node_tls(node: NodeConfig, base: Path) -> None:
+    """Anchor the ``[node]`` TLS paths at the config folder and check they come as a pair."""
+    if bool(node.tls_cert) != bool(node.tls_key):
+        raise ConfigError("[node] tls_cert and tls_key must be set together")
+    if node.tls_ca and not node.tls_cert:
+        raise ConfigError("[node] tls_ca needs tls_cert and tls_key (client certificates are checked over TLS)")
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        value = getattr(node, key)
+        if value and not Path(value).is_absolute():
+            object.__setattr__(node, key, str(base / value))
+
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _web_config(values: Any, base: Path) -> WebConfig:
+    """``[web]``: checked so that a typo cannot open an unauthenticated or half-TLS service."""
+    web: WebConfig = _coerce("web", WebConfig, values, base)
+    if not 0 < web.port < 65536:
+        raise ConfigError(f"[web] port {web.port} is not a TCP port")
+    hashes = tuple(h.strip().lower() for h in web.token_sha256)
+    if not hashes:
+        raise ConfigError("[web] token_sha256 needs at least one SHA-256 (hex) of a bearer token; "
+                          "every DICOMweb route requires a token")
+    bad = [i + 1 for i, h in enumerate(hashes) if not _SHA256_HEX.match(h)]
+    if bad:
+        raise ConfigError(f"[web] token_sha256 entries {bad} are not 64 hex characters (a SHA-256, not the token)")
+    if web.max_body_bytes <= 0:
+        raise ConfigError("[web] max_body_bytes must be positive")
+    if bool(web.tls_cert) != bool(web.tls_key):
+        raise ConfigError("[web] tls_cert and tls_key must be set together")
+    tls = {k: str(base / v) if v and not Path(v).is_absolute() else v
+           for k, v in (("tls_cert", web.tls_cert), ("tls_key", web.tls_key))}
+    return WebConfig(host=web.host, port=web.port, token_sha256=hashes, max_body_bytes=web.max_body_bytes, **tls)
+
+
+def _dicomweb_destination(i: int, d: Mapping[str, Any]) -> Destination:
+    """A ``kind = "dicomweb"`` destination: a name and an http(s) URL (plus an optional token)."""
+    from urllib.parse import urlsplit
+
+    where = f"[[destinations]] #{i + 1}"
+    if not isinstance(d.get("name"), str) or not d["name"]:
+        raise ConfigError(f"{where} needs name")
+    url = d.get("url")
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where} ({d['name']}): kind 'dicomweb' needs url = \"http(s)://host[:port]/path\"")
+    token = d.get("token", "")
+    if not isinstance(token, str):
+        raise ConfigError(f"{where} ({d['name']}): token must be a string")
+    extra = set(d) - {"name", "kind", "url", "token", "ae_title"}
+    if extra:
+        raise ConfigError(f"{where} ({d['name']}): keys {sorted(extra)} do not apply to kind 'dicomweb'")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"{where} ({d['name']}): url has an invalid port") from None
+    return Destination(name=d["name"], ae_title=str(d.get("ae_title", "")), host=parts.hostname, port=port,
+                       kind="dicomweb", url=url.rstrip("/"), token=token)
 
 
 def load(path: Path | str, environ: Mapping[str, str] | None = None) -> Config:

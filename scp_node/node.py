@@ -18,7 +18,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, __version__
@@ -26,7 +26,8 @@ from .audit import AuditTrail, Event, load_or_create_secret
 from .config import Config
 from .engine.result import AnalysisResult
 from .export import send_c_store
-from .handlers import AccessList, handle_aborted, handle_accepted, handle_echo, handle_requested, handle_store
+from .handlers import (AccessList, handle_aborted, handle_accepted, handle_conn_open, handle_echo,
+                       handle_requested, handle_store)
 from .scheduler import analysis, exports
 from .scheduler.analysis import AnalysisQueue
 from .scheduler.completion import SeriesCompletion
@@ -88,11 +89,14 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.db, self.audit = open_database(config)
-        self.ingestor = Ingestor(self.db, config.store.storage_dir, self.audit, config.store.duplicate_policy)
+        self.ingestor = Ingestor(self.db, config.store.storage_dir, self.audit, config.store.duplicate_policy,
+                                 min_free_bytes=config.store.min_free_bytes,
+                                 min_free_percent=config.store.min_free_percent)
         self.ae = self._make_ae()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._server: Any = None
         self._engine: Any = None
+        self._web: Any = None
         self._stopped = threading.Event()
 
     # -- network -----------------------------------------------------------------------------
@@ -102,7 +106,11 @@ class Node:
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_pdu_size = n.max_pdu_size
-        ae.maximum_associations = n.max_associations
+        # Received datasets are spooled to a file as they arrive, never held whole in memory.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # The limit itself is checked (and audited) in handle_requested; pynetdicom's count also
+        # holds closed connections waiting out their ACSE timeout, so its ceiling is a safety net.
+        ae.maximum_associations = n.max_associations + 64
         ae.acse_timeout = n.acse_timeout
         ae.dimse_timeout = n.dimse_timeout
         ae.network_timeout = n.network_timeout
@@ -114,7 +122,9 @@ class Node:
     def _handlers(self) -> list[Any]:
         acl = AccessList(self.config.peers, accept_unknown=self.config.node.accept_unknown_callers)
         return [
-            (evt.EVT_REQUESTED, handle_requested, [acl, self.config.node.ae_title, self.audit]),
+            (evt.EVT_CONN_OPEN, handle_conn_open, [self.config.node.max_pdu_size, self.audit]),
+            (evt.EVT_REQUESTED, handle_requested, [acl, self.config.node.ae_title, self.audit,
+                                                   self.config.node.max_associations]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.audit]),
             (evt.EVT_ABORTED, handle_aborted, [self.audit]),
             (evt.EVT_C_ECHO, handle_echo),
@@ -124,10 +134,13 @@ class Node:
     # -- analysis ----------------------------------------------------------------------------
     def _load_engine(self) -> Any:
         from .engine.medgemma import MedGemmaEngine
+        from .engine.schema import engine_bounds
 
         e = self.config.engine
         engine = MedGemmaEngine(e.model_dir, device=e.device, max_new_tokens=e.max_new_tokens,
-                                ct_max_slices=e.ct_max_slices)
+                                ct_max_slices=e.ct_max_slices, prompt_profiles=e.prompts or None,
+                                structured=e.structured, language=e.language, max_batch=e.max_batch,
+                                compile=e.compile, schema_bounds=engine_bounds(e))
         engine.load()
         ident = engine.identity
         log.info("model loaded: %s %s on %s (%s)%s", ident.name, ident.version, ident.device, ident.dtype,
@@ -164,6 +177,10 @@ class Node:
         timeout = c.node.network_timeout
 
         def send(dest: Any, path: Path) -> object:
+            if dest.kind == "dicomweb":
+                from .export.stow import send_stow
+
+                return send_stow(dest, path, timeout=timeout)
             return send_c_store(dest, path, calling_ae_title=c.node.ae_title, timeout=timeout)
 
         export_q = ExportQueue(self.db, self.audit, c.store.storage_dir, c.destinations, c.export, send)
@@ -180,6 +197,7 @@ class Node:
         c = self.config
         prepare_model_dir(c)
         c.store.storage_dir.mkdir(parents=True, exist_ok=True)
+        self.ingestor.recover()
         n_jobs = analysis.requeue_interrupted(self.db, self.audit)
         n_exp = exports.requeue_interrupted(self.db, self.audit)
         if n_jobs or n_exp:
@@ -187,10 +205,21 @@ class Node:
         self._engine = self._load_engine()
         completion, analysis_q, export_q = self._queues()
         try:
+            from .tls import TLSConfigError, server_context
+
             self._server = self.ae.start_server((c.node.host, c.node.port), block=False,
-                                                evt_handlers=self._handlers())
+                                                evt_handlers=self._handlers(), ssl_context=server_context(c.node))
+        except TLSConfigError as exc:
+            raise StartupError(str(exc)) from None
         except OSError as exc:
             raise StartupError(f"cannot listen on {c.node.host}:{c.node.port}: {exc.strerror or exc}") from None
+        if c.web is not None:
+            from .web import WebStartError, start_web
+
+            try:
+                self._web = start_web(c, self.db, self.audit, self.ingestor)
+            except WebStartError as exc:
+                raise StartupError(str(exc)) from None
         poll = c.scheduler.poll_seconds
         common = dict(trigger="interval", seconds=poll, max_instances=1, coalesce=True)
         self.scheduler.add_job(completion.run_once, id="series-completion", **common)
@@ -207,14 +236,29 @@ class Node:
     def stop(self) -> None:
         """Stop accepting, let the running job reach its end, close everything."""
         self._stopped.set()
+        if self._web is not None:
+            self._web.stop()
+            self._web = None
         if self._server is not None:
-            self._server.shutdown()
+            self._server.shutdown()  # closes the listening socket: no new associations
             self._server = None
+            self._finish_associations(grace=min(self.config.node.dimse_timeout, 30.0))
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.audit.record(Event.NODE_STOPPED, ae_title=self.config.node.ae_title)
         self._remove_pid()
         self.db.dispose()
+
+    def _finish_associations(self, grace: float) -> None:
+        """Let open associations end (a store in flight is answered), then abort what is left."""
+        import time
+
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(a.is_alive() for a in self.ae.active_associations):
+            time.sleep(0.1)
+        for assoc in self.ae.active_associations:
+            log.warning("aborting an association still open at stop")
+            assoc.abort()
 
     @property
     def pid_path(self) -> Path:

@@ -40,6 +40,9 @@ class Event:
     EXPORT_FAILED = "export.failed"
     EXPORT_DEAD = "export.dead"
     EXPORT_REQUEUED = "export.requeued"
+    STOW_RECEIVED = "stow.received"  #: one STOW-RS request handled (counts of stored/failed parts)
+    STOW_REFUSED = "stow.refused"  #: a STOW-RS request refused as a whole (400/413/415)
+    WEB_UNAUTHORIZED = "web.unauthorized"  #: a DICOMweb request without a valid bearer token (401)
     NODE_STARTED = "node.started"
     NODE_STOPPED = "node.stopped"
 

@@ -36,8 +36,10 @@ from .preprocess import (
     SeriesSkipped,
     prepare_series,
 )
-from .prompts import PromptProfile, build_messages, profile_for_modality
+from .answer import parse_answer, render_text
+from .prompts import PromptProfile, build_messages, merged_profiles, profile_for_modality, validate_profiles
 from .result import AnalysisResult, ModelIdentity
+from .schema import LANGUAGES, SchemaBounds, findings_schema, max_answer_tokens, schema_json
 from .thinking import THINKING_END, THINKING_START, drop_thinking_ids, strip_thinking_trace
 
 log = logging.getLogger(__name__)
@@ -119,9 +121,27 @@ class MedGemmaEngine:
         mr_max_slices: int | None = None,
         prompt_profiles: Mapping[str, Mapping[str, Any]] | None = None,
         attn_implementation: str = "sdpa",
+        structured: bool = True,
+        language: str = "en",
+        max_batch: int = 4,
+        compile: bool = False,
+        schema_bounds: SchemaBounds = SchemaBounds(),
+        _oom_above: int | None = None,
     ) -> None:
+        """``prompt_profiles`` come first, the defaults they do not replace by name after them.
+
+        ``structured``: grammar-constrained JSON answers (else the same JSON prompt, parsed leniently,
+        free text kept when it does not parse). ``compile``: static KV cache (compiled by transformers
+        on CUDA). ``_oom_above``: test hook, a batch larger than this raises a simulated CUDA OOM.
+        """
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if language not in LANGUAGES:
+            raise ValueError(f"language must be one of {LANGUAGES}, not {language!r}")
+        if prompt_profiles:
+            validate_profiles(prompt_profiles)
         if ct_max_slices < 1:
             raise ValueError("ct_max_slices must be at least 1")
         self.model_dir = Path(model_dir)
@@ -129,8 +149,16 @@ class MedGemmaEngine:
         self.max_new_tokens = max_new_tokens
         self.ct_max_slices = ct_max_slices
         self.mr_max_slices = mr_max_slices if mr_max_slices is not None else ct_max_slices
-        self.prompt_profiles = prompt_profiles
+        self.prompt_profiles = merged_profiles(prompt_profiles)
         self.attn_implementation = attn_implementation
+        self.structured = structured
+        self.language = language
+        self.max_batch = max_batch
+        self.compile = compile
+        self.schema_bounds = schema_bounds
+        self._oom_above = _oom_above
+        self.oom_backoffs = 0  #: how often a batch was halved after CUDA OOM
+        self._grammar: Any = None
         self._lock = threading.Lock()
         self._model: Any = None
         self._processor: Any = None
@@ -183,6 +211,7 @@ class MedGemmaEngine:
                 ) from exc
             model.to(device)
             model.eval()
+            processor.tokenizer.padding_side = "left"  # batched generation appends on the right
             self.load_seconds = time.perf_counter() - start
             test_model = is_test_model(self.model_dir)
             digest = weights_sha256(self.model_dir)
@@ -237,10 +266,10 @@ class MedGemmaEngine:
             mr_max_slices=self.mr_max_slices,
         )
 
-    def profile_for(self, modality: str) -> PromptProfile:
-        """Prompt profile for a modality (SeriesSkipped when none is configured)."""
+    def profile_for(self, modality: str, body_part: str = "") -> PromptProfile:
+        """Prompt profile for a modality and body part (SeriesSkipped when none is configured)."""
         try:
-            return profile_for_modality(modality, self.prompt_profiles)
+            return profile_for_modality(modality, self.prompt_profiles, body_part)
         except KeyError as exc:
             raise SeriesSkipped(f"no prompt profile is configured for modality {modality}") from exc
 
@@ -274,45 +303,85 @@ class MedGemmaEngine:
             eos_ids.add(end_of_turn)
         config.eos_token_id = sorted(i for i in eos_ids if i is not None)
         config.pad_token_id = tokenizer.pad_token_id
+        if self.compile:
+            # Static KV cache: fixed shapes, which transformers compiles (torch.compile) on CUDA.
+            config.cache_implementation = "static"
         return config
 
-    def generate(self, messages: list[dict[str, Any]], max_new_tokens: int | None = None) -> GenerationOutput:
-        """Greedy generation for chat messages; returns the cleaned answer of the model turn."""
+    def generate(self, messages: list[dict[str, Any]], max_new_tokens: int | None = None,
+                 schema: str | None = None) -> GenerationOutput:
+        """Greedy generation for one chat; ``schema`` (JSON schema text) constrains the answer."""
+        try:
+            [output] = self.generate_batch([messages], [schema], max_new_tokens)
+        except torch.OutOfMemoryError as exc:
+            raise EngineError(f"out of memory on {self._device}; lower ct_max_slices or use a larger GPU") from exc
+        return output
+
+    def generate_batch(self, conversations: Sequence[list[dict[str, Any]]], schemas: Sequence[str | None],
+                       max_new_tokens: int | None = None) -> list[GenerationOutput]:
+        """Greedy generation for several chats at once (left padding); one answer per chat.
+
+        Rows with a schema are grammar-constrained (:mod:`.grammar`); rows without one are not. Raises
+        SeriesSkipped when a prompt exceeds the model's context, torch.OutOfMemoryError on CUDA OOM
+        (the caller halves the batch).
+        """
         self.load()
+        if len(conversations) != len(schemas) or not conversations:
+            raise ValueError("generate_batch needs one schema (or None) per conversation")
+        if self._oom_above is not None and len(conversations) > self._oom_above:
+            raise torch.OutOfMemoryError(f"simulated CUDA out of memory for a batch of {len(conversations)}")
         start = time.perf_counter()
         processor, model = self._processor, self._model
         inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            list(conversations), add_generation_prompt=True, tokenize=True, return_dict=True,
+            return_tensors="pt", processor_kwargs={"padding": True, "padding_side": "left"},
         )
-        input_tokens = int(inputs["input_ids"].shape[-1])
+        lengths = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
         limit = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 0)
-        if limit and input_tokens >= limit:
+        if limit and max(lengths) >= limit:
             raise SeriesSkipped(
-                f"model input of {input_tokens} tokens exceeds the model's context of {limit} tokens; "
+                f"model input of {max(lengths)} tokens exceeds the model's context of {limit} tokens; "
                 "lower ct_max_slices"
             )
+        padded = int(inputs["input_ids"].shape[-1])
         inputs = inputs.to(self._device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self._dtype)
         config = self._generation_config(max_new_tokens or self.max_new_tokens)
-        try:
-            with torch.inference_mode():
-                output = model.generate(**inputs, generation_config=config)
-        except torch.OutOfMemoryError as exc:
-            raise EngineError(
-                f"out of memory generating for {input_tokens} input tokens on {self._device}; "
-                "lower ct_max_slices or use a larger GPU"
-            ) from exc
-        new_ids = [int(t) for t in output[0, input_tokens:].tolist()]
+        processors = []
+        if any(s is not None for s in schemas):
+            if any(s is None for s in schemas):
+                raise ValueError("a batch is either grammar-constrained in every row or in none")
+            processors.append(self._grammar_factory().processor(list(schemas)))
+        with torch.inference_mode():
+            output = model.generate(**inputs, generation_config=config, logits_processor=processors)
+        seconds = time.perf_counter() - start
         pad = processor.tokenizer.pad_token_id
-        generated = len([t for t in new_ids if t != pad])
-        kept = drop_thinking_ids(new_ids, self._token_id(THINKING_START), self._token_id(THINKING_END))
-        text = processor.tokenizer.decode(kept, skip_special_tokens=True)
-        text = strip_thinking_trace(text)
+        start_id, end_id = self._token_id(THINKING_START), self._token_id(THINKING_END)
+        results = []
+        for row, length in enumerate(lengths):
+            new_ids = [int(t) for t in output[row, padded:].tolist()]
+            generated = len([t for t in new_ids if t != pad])
+            kept = drop_thinking_ids(new_ids, start_id, end_id)
+            text = strip_thinking_trace(processor.tokenizer.decode(kept, skip_special_tokens=True))
+            results.append(GenerationOutput(text=text, generated_tokens=generated, input_tokens=length,
+                                            seconds=seconds))
         del inputs, output
-        return GenerationOutput(
-            text=text, generated_tokens=generated, input_tokens=input_tokens, seconds=time.perf_counter() - start
-        )
+        return results
+
+    def _grammar_factory(self) -> Any:
+        """xgrammar for this tokenizer, built on first structured use (so ``structured = false`` runs
+        without xgrammar installed)."""
+        if self._grammar is None:
+            from .grammar import GrammarFactory
+
+            tokenizer = self._processor.tokenizer
+            config = self._generation_config(1)
+            vocab = int(self._model.config.get_text_config().vocab_size)
+            special = [int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})]
+            special += [i for i in (self._token_id(THINKING_START), self._token_id(THINKING_END)) if i is not None]
+            self._grammar = GrammarFactory(tokenizer, vocab, config.eos_token_id, special)
+        return self._grammar
 
     # ---------------------------------------------------------------------------------------------
     # The job
@@ -323,31 +392,132 @@ class MedGemmaEngine:
 
         ``seconds`` in the result covers preprocessing and generation, not the one-off model load.
         """
+        [result] = self.analyse_batch([paths])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def analyse_batch(self, jobs: Sequence[Sequence[Path]]) -> list[AnalysisResult | BaseException]:
+        """Analyse several series with batched generation; one entry per job, in order.
+
+        An entry is the result, or the exception for that job alone: :class:`SeriesSkipped` (cannot
+        be analysed), :class:`EngineError` (out of memory even alone) or another error. Nothing is
+        raised for a single job, so no job of the batch is lost. CUDA OOM halves the batch and retries.
+        """
         self.load()
-        start = time.perf_counter()
-        prepared = self.prepare(paths)
-        prepared_at = time.perf_counter()
-        profile = self.profile_for(prepared.modality)
-        output = self.generate(build_messages(prepared, profile))
-        seconds = time.perf_counter() - start
+        out: list[AnalysisResult | BaseException | None] = [None] * len(jobs)
+        pending: list[_Job] = []
+        for index, paths in enumerate(jobs):
+            started = time.perf_counter()
+            try:
+                prepared = self.prepare(list(paths))
+                profile = self.profile_for(prepared.modality, prepared.body_part)
+                language = profile.language or self.language
+                messages = build_messages(prepared, profile, structured=True, language=language)
+                schema = (schema_json(findings_schema(self.schema_bounds, language, len(prepared.images)))
+                          if self.structured else None)
+                pending.append(_Job(index, prepared, profile, language, messages, schema,
+                                    time.perf_counter() - started))
+            except Exception as exc:  # noqa: BLE001 - recorded for this job; the others go on
+                if not isinstance(exc, SeriesSkipped):
+                    log.warning("series %d of the batch failed in preprocessing: %s", index + 1, type(exc).__name__)
+                out[index] = exc
+        for group in _groups(pending, self.max_batch):
+            self._run_group(group, out)
+        assert all(r is not None for r in out)
+        return out  # type: ignore[return-value]
+
+    def _run_group(self, group: list["_Job"], out: list[Any]) -> None:
+        """Generate for a group; on CUDA OOM (or any error) split it in halves until single jobs."""
+        try:
+            outputs = self._generate_jobs(group)
+        except torch.OutOfMemoryError as exc:
+            if self._device is not None and self._device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(group) == 1:
+                out[group[0].index] = EngineError(
+                    f"out of memory generating for one {group[0].prepared.modality} series of "
+                    f"{len(group[0].prepared.images)} image(s) on {self._device}; lower ct_max_slices "
+                    "or use a larger GPU")
+                out[group[0].index].__cause__ = exc
+                return
+            log.warning("out of memory with a batch of %d; retrying as two batches", len(group))
+            self.oom_backoffs += 1
+            half = len(group) // 2
+            self._run_group(group[:half], out)
+            self._run_group(group[half:], out)
+            return
+        except Exception as exc:  # noqa: BLE001 - isolate the job that causes it
+            if len(group) == 1:
+                out[group[0].index] = exc
+                return
+            half = len(group) // 2
+            self._run_group(group[:half], out)
+            self._run_group(group[half:], out)
+            return
+        for job, output in zip(group, outputs):
+            out[job.index] = self._result(job, output)
+
+    def _generate_jobs(self, group: list["_Job"]) -> list[GenerationOutput]:
+        limit = self.max_new_tokens
+        if self.structured:
+            limit = max(max_answer_tokens(self.schema_bounds, j.language, len(j.prepared.images)) for j in group)
+        return self.generate_batch([j.messages for j in group], [j.schema for j in group], limit)
+
+    def _result(self, job: "_Job", output: GenerationOutput) -> AnalysisResult:
+        prepared = job.prepared
+        structured, error = parse_answer(output.text, prepared.transforms, job.language)
+        if structured is not None:
+            text = render_text(structured, job.language)
+        else:
+            text = output.text
+            log.warning("%s series: the answer is not structured (%s); the free text is the report",
+                        prepared.modality, error)
+        seconds = job.prepare_seconds + output.seconds
         log.info(
             "analysed %s series: %d image(s), %d input tokens, %d new tokens; preprocess %.2f s, model %.2f s",
-            prepared.modality,
-            len(prepared.images),
-            output.input_tokens,
-            output.generated_tokens,
-            prepared_at - start,
-            output.seconds,
+            prepared.modality, len(prepared.images), output.input_tokens, output.generated_tokens,
+            job.prepare_seconds, output.seconds,
         )
         return AnalysisResult(
             modality=prepared.modality,
-            findings_text=output.text,
+            findings_text=text,
             model=self.identity,
             sources=list(prepared.sources),
-            prompt_profile=profile.name,
+            prompt_profile=job.profile.name,
             generated_tokens=output.generated_tokens,
             seconds=seconds,
+            structured=structured,
+            parse_error=error,
+            language=job.language,
         )
+
+
+@dataclass
+class _Job:
+    """One series of a batch between preprocessing and generation."""
+
+    index: int
+    prepared: PreparedSeries
+    profile: PromptProfile
+    language: str
+    messages: list[dict[str, Any]]
+    schema: str | None
+    prepare_seconds: float
+
+
+def _groups(jobs: list[_Job], max_batch: int) -> list[list[_Job]]:
+    """Batches of at most ``max_batch`` jobs of similar size (image count), so that padding a
+    one-image X-ray to an 85-slice CT prompt does not waste a batch row's compute."""
+    ordered = sorted(jobs, key=lambda j: len(j.prepared.images))
+    groups: list[list[_Job]] = []
+    for job in ordered:
+        n = len(job.prepared.images)
+        if groups and len(groups[-1]) < max_batch and n <= 2 * len(groups[-1][0].prepared.images):
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
 
 
 def _has_accelerate() -> bool:

@@ -1,4 +1,4 @@
-"""C-STORE SCU: send one stored SR to a DIMSE destination (the PACS)."""
+"""C-STORE SCU: send one stored SR to a DIMSE destination (the PACS), over TLS when it says ``tls = true``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pynetdicom import AE
 
 from .. import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from ..config import Destination
+from ..tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ def send_c_store(dest: Destination, path: Path, *, calling_ae_title: str, timeou
     syntaxes = [str(ds.file_meta.TransferSyntaxUID)]
     syntaxes += [ts for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts not in syntaxes]
     ae.add_requested_context(ds.SOPClassUID, syntaxes)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    ctx = client_context(dest)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         tls_args=(ctx, dest.host) if ctx is not None else None)
     if not assoc.is_established:
         what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "could not be opened"
         raise ExportError(f"association to {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}) {what}")

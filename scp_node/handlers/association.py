@@ -2,7 +2,13 @@
 
 A caller is let in only when its calling AE title **and** its address match one ``[[peers]]``
 entry and it calls our AE title.  Everyone else gets A-ASSOCIATE-RJ (rejected-permanent,
-service-user, calling/called AE title not recognised) and an audit row.
+service-user, calling/called AE title not recognised) and an audit row.  Past ``[node]
+max_associations`` a caller gets A-ASSOCIATE-RJ rejected-transient, local limit exceeded (it may
+retry later) and an audit row.
+
+:func:`handle_conn_open` guards the socket of each connection: a PDU whose declared length is
+larger than we advertised (or than any control PDU needs) is answered with A-ABORT before a
+byte of its body is read, so a peer cannot make the node buffer gigabytes it never asked for.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import struct
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from pynetdicom import evt
 
@@ -24,6 +32,15 @@ REJECT_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
 REASON_CALLING_AE_NOT_RECOGNISED = 0x03
 REASON_CALLED_AE_NOT_RECOGNISED = 0x07
+REJECT_TRANSIENT = 0x02
+SOURCE_PROVIDER_PRESENTATION = 0x03
+REASON_LOCAL_LIMIT_EXCEEDED = 0x02
+
+#: Largest non-P-DATA PDU we read (A-ASSOCIATE-RQ with 128 contexts and user identity is far below).
+MAX_CONTROL_PDU = 4 * 1024 * 1024
+P_DATA_TF = 0x04
+#: A-ABORT PDU: source service-provider (2), reason invalid-PDU-parameter-value (6) (PS3.8 9.3.8).
+A_ABORT_INVALID_PDU_PARAMETER = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
 
 
 def _addresses(host: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -63,8 +80,23 @@ class AccessList:
                    for ae, nets in self._resolved)
 
 
-def handle_requested(event: evt.Event, acl: AccessList, our_ae_title: str, audit: AuditTrail) -> None:
-    """EVT_REQUESTED: reject callers not on the allow-list before any negotiation."""
+def _live_acceptors(ae: Any) -> int:
+    """Associations we accept that still have a peer: a connection that already closed (a port
+    probe) keeps its pynetdicom thread until the ACSE timeout, but it holds no slot here."""
+    n = 0
+    for a in ae.active_associations:
+        if a.is_acceptor and a.is_alive() and a.dul.state_machine.current_state != "Sta1":
+            n += 1
+    return n
+
+
+def handle_requested(event: evt.Event, acl: AccessList, our_ae_title: str, audit: AuditTrail,
+                     max_associations: int | None = None) -> None:
+    """EVT_REQUESTED: reject callers not on the allow-list, then callers past the association limit.
+
+    ``max_associations`` is ``[node] max_associations``; pynetdicom's own count (which also counts
+    closed connections still waiting out their ACSE timeout) is set higher, as a safety net.
+    """
     rq = event.assoc.requestor
     # At EVT_REQUESTED the titles are only in the A-ASSOCIATE-RQ primitive (not yet copied to rq).
     calling = str(rq.primitive.calling_ae_title).strip()
@@ -76,24 +108,107 @@ def handle_requested(event: evt.Event, acl: AccessList, our_ae_title: str, audit
     elif not acl.allows(calling, address):
         reason = (REASON_CALLING_AE_NOT_RECOGNISED, "calling AE title and address are not an allowed peer")
     if reason is None:
+        ae = event.assoc.ae
+        limit = ae.maximum_associations if max_associations is None else max_associations
+        # This association included, as pynetdicom's ACSE counts; done here so it is audited.
+        if _live_acceptors(ae) <= limit:
+            return
+        detail = f"maximum concurrent associations ({limit}) reached; rejected-transient"
+        log.warning("rejecting association from %s at %s: %s", calling, address, detail)
+        audit.record(Event.ASSOCIATION_REJECTED, outcome="failure", ae_title=calling, peer=address, detail=detail)
+        setattr(event.assoc, _AUDITED, True)
+        event.assoc.acse.send_reject(REJECT_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, REASON_LOCAL_LIMIT_EXCEEDED)
+        event.assoc.kill()
         return
     log.warning("rejecting association from %s at %s: %s", calling, address, reason[1])
     audit.record(Event.ASSOCIATION_REJECTED, outcome="failure", ae_title=calling, peer=address,
                  detail=reason[1])
+    setattr(event.assoc, _AUDITED, True)
     event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, reason[0])
     # As pynetdicom's own ACSE does after a reject: wait until the DUL has sent the A-ASSOCIATE-RJ
     # and closed, otherwise the socket is shut before the PDU leaves and the peer sees an abort.
     event.assoc.kill()
 
 
+#: Attribute set on an Association once an audit row tells how it ended (no second row at close).
+_AUDITED = "_scp_node_outcome_audited"
+
+
 def handle_accepted(event: evt.Event, audit: AuditTrail) -> None:
     """EVT_ACCEPTED: audit who is connected."""
     rq = event.assoc.requestor
+    setattr(event.assoc, "_scp_node_accepted", True)
     audit.record(Event.ASSOCIATION_ACCEPTED, ae_title=str(rq.ae_title).strip(), peer=str(rq.address))
 
 
 def handle_aborted(event: evt.Event, audit: AuditTrail) -> None:
     """EVT_ABORTED: an association ended without a release (peer or local abort)."""
     rq = event.assoc.requestor
+    setattr(event.assoc, _AUDITED, True)
     audit.record(Event.ASSOCIATION_ABORTED, outcome="warning", ae_title=str(rq.ae_title).strip(),
                  peer=str(rq.address))
+
+
+def _handle_conn_close(event: evt.Event, address: str, audit: AuditTrail) -> None:
+    """EVT_CONN_CLOSE: a connection that never became an association (random bytes, an HTTP
+    request, a port probe, a dropped handshake) still leaves an audit row saying so."""
+    assoc = event.assoc
+    if getattr(assoc, _AUDITED, False) or getattr(assoc, "_scp_node_accepted", False) or assoc.is_rejected:
+        return
+    setattr(assoc, _AUDITED, True)
+    audit.record(Event.ASSOCIATION_ABORTED, outcome="failure", peer=address,
+                 detail="connection closed before an association was negotiated (not a DICOM association request)")
+
+
+class _PDULengthGuard:
+    """Replaces one association socket's ``recv``: refuses a PDU body longer than allowed.
+
+    pynetdicom's DUL reads the 6-byte PDU header, then ``recv(pdu_length)`` into one buffer.  We
+    see the header go by, and when the body read asks for more than the limit for that PDU type
+    we send A-ABORT and fail the read (the DUL then closes the connection), having read nothing.
+    """
+
+    def __init__(self, recv: Callable[[int], bytearray], raw_socket: Any, max_pdata: int,
+                 on_violation: Callable[[int, int, int], None]) -> None:
+        self._recv = recv
+        self._raw = raw_socket
+        self._max_pdata = max_pdata
+        self._on_violation = on_violation
+        self._body_of: int | None = None  # PDU type whose body is read next
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        if self._body_of is not None:
+            pdu_type, self._body_of = self._body_of, None
+            limit = (self._max_pdata or 2**32) if pdu_type == P_DATA_TF else MAX_CONTROL_PDU
+            if nr_bytes > limit:
+                try:
+                    self._raw.sendall(A_ABORT_INVALID_PDU_PARAMETER)
+                except OSError:
+                    pass
+                self._on_violation(pdu_type, nr_bytes, limit)
+                raise ConnectionAbortedError(f"PDU of {nr_bytes} bytes exceeds the limit of {limit}")
+        data = self._recv(nr_bytes)
+        if nr_bytes == 6 and len(data) == 6:
+            self._body_of = data[0]
+        return data
+
+
+def handle_conn_open(event: evt.Event, max_pdu_size: int, audit: AuditTrail) -> None:
+    """EVT_CONN_OPEN: put the PDU length guard on the new connection's socket."""
+    assoc = event.assoc
+    sock = assoc.dul.socket
+    if sock is None or getattr(sock, "socket", None) is None:
+        return
+    address = str(event.address[0]) if event.address else ""
+
+    def violation(pdu_type: int, length: int, limit: int) -> None:
+        setattr(assoc, _AUDITED, True)
+        log.warning("aborting connection from %s: PDU type 0x%02X declares %d bytes (limit %d)",
+                    address, pdu_type, length, limit)
+        audit.record(Event.ASSOCIATION_ABORTED, outcome="failure", peer=address,
+                     ae_title=str(getattr(assoc.requestor, "ae_title", "") or "").strip(),
+                     detail=f"PDU type 0x{pdu_type:02X} declares {length} bytes, over our limit of {limit}; "
+                            "A-ABORT sent without reading it")
+
+    sock.recv = _PDULengthGuard(sock.recv, sock.socket, max_pdu_size, violation)  # type: ignore[method-assign]
+    assoc.bind(evt.EVT_CONN_CLOSE, _handle_conn_close, [address, audit])

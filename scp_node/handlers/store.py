@@ -3,7 +3,8 @@
 The encoded dataset from the association is written byte for byte (no decode/re-encode), so
 every transfer syntax a sender proposes is kept as is.  Success goes back only after
 :meth:`Ingestor.ingest` has made the file durable and committed the index row; any failure
-answers a failure status so the sender keeps its copy and resends.
+answers a failure status so the sender keeps its copy and resends.  With pynetdicom's
+``STORE_RECV_CHUNKED_DATASET`` the dataset arrives as a spooled file and is never held in memory.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from pydicom.dataset import Dataset
-from pynetdicom import evt
+from pynetdicom import _config, evt
 
 from ..audit import AuditTrail, Event
 from ..status import StoreStatus, status_dataset
@@ -26,7 +27,8 @@ def handle_store(event: evt.Event, ingestor: Ingestor, audit: AuditTrail) -> Dat
     origin = Origin(ae_title=str(rq.ae_title).strip(), address=str(rq.address), via="dimse")
     sop_uid = str(event.request.AffectedSOPInstanceUID or "")[:64]
     try:
-        data = event.encoded_dataset(include_meta=True)
+        # Chunked receive (pynetdicom spooled the dataset to a file): check and copy it in blocks.
+        data = event.dataset_path if _config.STORE_RECV_CHUNKED_DATASET else event.encoded_dataset(include_meta=True)
         ingestor.ingest(data, origin, expected_sop_class=str(event.context.abstract_syntax))
     except InvalidInstance as exc:
         status = (StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS if "does not match the presentation" in str(exc)

@@ -65,3 +65,165 @@ def procedure_reported(modality: str) -> Code:
     return _PROCEDURE_BY_MODALITY.get(
         (modality or "").strip().upper(), codes.cid100.ImagingProcedure
     )
+
+
+# --- Structured findings (TID 1501 / TID 1410 measurement groups) ---------------------------
+
+#: FINDING_TYPES -> TID 1501 row "Finding" value (SNOMED CT). Where DICOM PS3.16 already lists a
+#: concept (CID 6102 "Thoracic Radiographic Findings" and neighbours) that one is used, with the
+#: meaning pydicom ships; the others are SNOMED CT disorder/finding concepts with their preferred
+#: terms. "other" is the generic "Clinical finding": the model's own words then go into the
+#: group's description TEXT, never into a made-up code.
+FINDING_TYPE_CODES: dict[str, Code] = {
+    "no_acute_finding": Code("281900007", "SCT", "No abnormality detected"),
+    "pleural_effusion": codes.SCT.PleuralEffusion,  # 60046008
+    "pneumothorax": codes.SCT.Pneumothorax,  # 36118008
+    "consolidation": Code("95436008", "SCT", "Lung consolidation"),
+    "nodule": codes.SCT.Nodule,  # 27925004
+    "mass": codes.SCT.Mass,  # 4147007
+    "cardiomegaly": codes.SCT.Cardiomegaly,  # 287272002
+    "atelectasis": Code("46621007", "SCT", "Atelectasis"),
+    "pulmonary_edema": codes.SCT.PulmonaryEdema,  # 19242006
+    "fracture": Code("125605004", "SCT", "Fracture of bone"),
+    "other": FINDING_TYPE,  # 404684003 Clinical finding
+}
+
+
+def finding_type_code(finding_type: str) -> Code:
+    """SNOMED CT concept of a finding type; unknown types are "Clinical finding" (the "other" row)."""
+    return FINDING_TYPE_CODES.get(finding_type, FINDING_TYPE)
+
+
+#: TID 1501/1410 "Finding Site" concept name (SCT 363698007). Used for the coded site and, with
+#: value type TEXT, for a location the table below does not know (the model's words, kept).
+FINDING_SITE: Code = codes.SCT.FindingSite
+
+#: CID 244 laterality values, as TID 1501 "Laterality" concept modifiers of the finding site.
+LATERALITY: dict[str, Code] = {
+    "right": codes.SCT.Right,
+    "left": codes.SCT.Left,
+    "bilateral": codes.SCT.Bilateral,
+}
+
+#: Anatomic structures of the chest (CID 6102/6109/6170/4 entries as pydicom ships them) for which
+#: a laterality makes sense ("right lower lobe" = lower lobe of lung + Right).
+_PAIRED_SITES: dict[str, Code] = {
+    "lung": codes.SCT.Lung,  # 39607008
+    "upper lobe": codes.SCT.UpperLobeOfLung,  # 45653009
+    "lower lobe": codes.SCT.LowerLobeOfLung,  # 90572001
+    "pleura": codes.SCT.Pleura,  # 3120008
+    "pleural space": codes.SCT.Pleura,
+    "hilum": codes.SCT.HilumOfLung,  # 46750007
+    "rib": codes.SCT.Rib,  # 113197003
+    "ribs": codes.SCT.Rib,
+    "clavicle": codes.SCT.Clavicle,  # 51299004
+    "hemidiaphragm": codes.SCT.Diaphragm,  # 5798000
+}
+
+#: Structures coded without laterality.
+_UNPAIRED_SITES: dict[str, Code] = {
+    "lungs": codes.SCT.Lung,
+    "middle lobe": codes.SCT.MiddleLobeOfRightLung,  # 72481006
+    "right middle lobe": codes.SCT.MiddleLobeOfRightLung,
+    "heart": codes.SCT.Heart,  # 80891009
+    "cardiac silhouette": codes.SCT.Heart,
+    "mediastinum": codes.SCT.Mediastinum,  # 72410000
+    "diaphragm": codes.SCT.Diaphragm,
+    "trachea": codes.SCT.Trachea,  # 44567001
+    "thoracic spine": codes.SCT.ThoracicSpine,  # 122495006
+    "chest": codes.SCT.Chest,  # 816094009
+    "thorax": codes.SCT.Chest,
+}
+
+#: Abbreviations and Chinese terms radiologists and the model use, normalised to the English key.
+_SITE_SYNONYMS: dict[str, str] = {
+    "rul": "right upper lobe", "rml": "right middle lobe", "rll": "right lower lobe",
+    "lul": "left upper lobe", "lll": "left lower lobe",
+    "both lungs": "bilateral lung", "bilateral lungs": "bilateral lung",
+    "右肺上叶": "right upper lobe", "右上肺": "right upper lobe",
+    "右肺中叶": "right middle lobe", "右中肺": "right middle lobe",
+    "右肺下叶": "right lower lobe", "右下肺": "right lower lobe",
+    "左肺上叶": "left upper lobe", "左上肺": "left upper lobe",
+    "左肺下叶": "left lower lobe", "左下肺": "left lower lobe",
+    "右肺": "right lung", "左肺": "left lung", "双肺": "bilateral lung", "两肺": "bilateral lung",
+    "右侧胸腔": "right pleural space", "左侧胸腔": "left pleural space",
+    "右侧胸膜": "right pleura", "左侧胸膜": "left pleura", "胸膜": "pleura",
+    "心脏": "heart", "心影": "cardiac silhouette", "纵隔": "mediastinum", "膈肌": "diaphragm",
+    "气管": "trachea", "胸椎": "thoracic spine", "胸部": "chest",
+}
+
+
+def finding_site(location: str) -> tuple[Code, Code | None] | None:
+    """Coded (structure, laterality) for a model location, or None when the table has no entry.
+
+    Matching is exact after normalisation (case, punctuation, white space, a leading "the"), so a
+    location is coded only when it means exactly the listed structure; anything more specific or
+    unusual stays the model's text (written as a TEXT Finding Site), which loses nothing.
+    """
+    key = " ".join(location.lower().replace(",", " ").replace(".", " ").split())
+    if key.startswith("the "):
+        key = key[4:]
+    key = _SITE_SYNONYMS.get(key, key)
+    if key in _UNPAIRED_SITES:
+        return _UNPAIRED_SITES[key], None
+    side, _, structure = key.partition(" ")
+    if side in LATERALITY and structure in _PAIRED_SITES:
+        return _PAIRED_SITES[structure], LATERALITY[side]
+    if key in _PAIRED_SITES:
+        return _PAIRED_SITES[key], None
+    return None
+
+
+#: Size of a finding (TID 300 NUM). The model's "size_mm" is the largest dimension it states,
+#: which radiology reports call the diameter; (81827009, SCT, "Diameter") is the CID 7470 concept.
+SIZE: Code = codes.SCT.Diameter
+#: UCUM millimetre, the unit of ``Finding.size_mm``.
+MILLIMETER: Code = codes.UCUM.Millimeter
+
+#: Per-finding description (TEXT). The same concept as the whole-answer text, because both are
+#: the model's findings in words; (121071, DCM, "Finding") stays reserved for the CODE row.
+DESCRIPTION: Code = FINDINGS_TEXT
+
+# --- Document-level qualitative evaluations (TID 1500 "Qualitative Evaluations") -----------
+
+#: TID 1500 container for evaluations about the whole report rather than one finding.
+QUALITATIVE_EVALUATIONS: Code = Code("C0034375", "UMLS", "Qualitative Evaluations")
+
+#: CID 7002 report elements for the model's impression and recommendation (TEXT).
+IMPRESSION: Code = codes.DCM.Impression  # (121073, DCM)
+RECOMMENDATION: Code = codes.DCM.Recommendation  # (121075, DCM)
+
+#: Image quality (CODE): (111101, DCM, "Image Quality") from the CAD templates, valued with the
+#: CID 7036 RadLex terms "Diagnostic quality" (RID12) for "adequate" and "Limited quality" (RID13)
+#: for "limited" (the engine's quality gate).
+IMAGE_QUALITY: Code = codes.DCM.ImageQuality
+IMAGE_QUALITY_VALUES: dict[str, Code] = {
+    "adequate": codes.RADLEX.DiagnosticQuality,
+    "limited": codes.RADLEX.LimitedQuality,
+}
+
+#: Private coding scheme of this node, for the one concept DICOM and SNOMED CT do not offer: the
+#: *name* "AI triage category" (SNOMED "Priority" 260870009 is an order priority and would read
+#: as one). Its *values* are standard SNOMED CT qualifier values, so receivers can still act on
+#: them: Normal (17621005) and Abnormal (263654008) are CID 222 "Normal-Abnormal", Urgent
+#: (103391001) is the CID 3414 urgency concept. PS3.16 section 8: private designators start "99".
+SCP_NODE_CODING_SCHEME = {
+    "designator": "99SCPNODE",
+    "name": "scp_node private codes",
+    "responsible_organization": "scp_node",
+}
+TRIAGE: Code = Code("TRIAGE", "99SCPNODE", "AI triage category")
+TRIAGE_VALUES: dict[str, Code] = {
+    "normal": codes.SCT.Normal,
+    "abnormal": codes.SCT.Abnormal,
+    "urgent": Code("103391001", "SCT", "Urgent"),
+}
+
+#: Explanation of free text when the structured answer could not be parsed (TEXT, Comment).
+PARSE_NOTE: Code = COMMENT
+
+#: RFC 5646 language tags (TID 1204, CID 5000) of the report languages.
+LANGUAGES: dict[str, Code] = {
+    "en": Code("en-US", "RFC5646", "English (United States)"),
+    "zh": Code("zh", "RFC5646", "Chinese"),
+}

@@ -11,11 +11,74 @@ from typing import Any
 
 from highdicom.sr import Comprehensive3DSR
 
-from scp_node.engine.result import AnalysisResult
+from scp_node.engine.result import AnalysisResult, Finding, StructuredFindings
+from scp_node.report import codes
 from scp_node.report.uids import model_device_uid
 
-#: Version of the sidecar layout; bump when keys change meaning.
-SIDECAR_SCHEMA = "scp_node.findings/1"
+#: Version of the sidecar layout; bump when keys change meaning (2: structured findings).
+SIDECAR_SCHEMA = "scp_node.findings/2"
+
+
+def _code(code) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {"value": code.value, "scheme": code.scheme_designator, "meaning": code.meaning}
+
+
+def _region(finding: Finding, result: AnalysisResult) -> dict[str, Any] | None:
+    """The box in source pixels (as in the SR's SCOORD) and on the model grid, with its image."""
+    region = finding.region
+    if region is None:
+        return None
+    source = (
+        result.sources[region.source_index]
+        if 0 <= region.source_index < len(result.sources)
+        else None
+    )
+    return {
+        "sop_instance_uid": str(source.sop_instance_uid) if source else None,
+        "frame_number": source.frame_number if source else None,
+        "row0": region.row0,
+        "col0": region.col0,
+        "row1": region.row1,
+        "col1": region.col1,
+        "box_2d": list(region.box_2d),
+    }
+
+
+def _finding(finding: Finding, result: AnalysisResult) -> dict[str, Any]:
+    site = codes.finding_site(finding.location) if finding.location.strip() else None
+    return {
+        "finding_type": finding.finding_type,
+        "code": _code(codes.finding_type_code(finding.finding_type)),
+        "description": finding.description,
+        "location": finding.location,
+        "finding_site": (
+            {"code": _code(site[0]), "laterality": _code(site[1]) if site[1] else None}
+            if site
+            else None
+        ),
+        "measurements": (
+            [{"name": _code(codes.SIZE), "value": finding.size_mm, "unit": "mm"}]
+            if finding.size_mm is not None
+            else []
+        ),
+        "region": _region(finding, result),
+    }
+
+
+def _structured(structured: StructuredFindings | None, result: AnalysisResult) -> dict[str, Any]:
+    if structured is None:
+        return {"findings": None, "impression": None, "recommendation": None,
+                "triage": None, "image_quality": None}
+    return {
+        "findings": [_finding(f, result) for f in structured.findings],
+        "impression": structured.impression,
+        "recommendation": structured.recommendation,
+        "triage": structured.triage,
+        "triage_code": _code(codes.TRIAGE_VALUES[structured.triage])
+        if structured.triage in codes.TRIAGE_VALUES
+        else None,
+        "image_quality": structured.image_quality,
+    }
 
 
 def _source_series(sr: Comprehensive3DSR) -> list[str]:
@@ -62,6 +125,10 @@ def findings_json(sr: Comprehensive3DSR, result: AnalysisResult) -> dict[str, An
             "device_uid": str(model_device_uid(model)),
             "prompt_profile": result.prompt_profile,
         },
+        "language": result.language,
+        "structured": result.structured is not None,
+        "parse_error": result.parse_error or None,
+        **_structured(result.structured, result),
         "findings_text": result.findings_text,
         "generated_tokens": result.generated_tokens,
         "seconds": result.seconds,

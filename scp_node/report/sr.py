@@ -10,8 +10,9 @@ Document-level decisions (why):
   this node will ever say about the series (content completeness, which is what the flag is
   about; verification is a separate flag). PARTIAL when the answer was empty, because the
   report then lacks its main content (a placeholder is written instead).
-* Specific Character Set ISO_IR 192 only when our text is not ASCII; otherwise the source's
-  set is kept, so old PACS that only handle the default repertoire are not bothered.
+* Specific Character Set ISO_IR 192 when any text written (ours or the source's) is not ASCII,
+  and always for a Chinese report; otherwise the source's set is kept, so old PACS that only
+  handle the default repertoire are not bothered.
 """
 
 from __future__ import annotations
@@ -30,13 +31,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from scp_node import IMPLEMENTATION_VERSION_NAME
 from scp_node.engine.result import AnalysisResult
 from scp_node.report import codes
-from scp_node.report.content import SourceImage, build_content
+from scp_node.report.content import SourceImage, build_content, report_language
 from scp_node.report.equipment import model_equipment
 from scp_node.report.node import ReportingNode
 from scp_node.report.text import (
     EMPTY_FINDINGS_PLACEHOLDER,
-    REVIEW_STATEMENT,
-    TEST_MODEL_STATEMENT,
     UTF8_CHARACTER_SET,
     clean_text,
     is_ascii,
@@ -118,6 +117,23 @@ def _check_evidence(evidence: Sequence[Dataset], series_instance_uid: str) -> No
         raise ValueError("series_instance_uid must be a new series, not a source series")
 
 
+#: Value representations whose values are character strings affected by Specific Character Set.
+_TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "PN", "UC"}
+
+
+def _strings(dataset: Dataset):
+    """Every character-set-dependent string in ``dataset`` and its sequences (for the choice of
+    Specific Character Set: one non-ASCII value anywhere needs ISO_IR 192)."""
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value:
+                yield from _strings(item)
+        elif element.VR in _TEXT_VRS and element.value is not None:
+            values = element.value if element.VM > 1 else [element.value]
+            for value in values:
+                yield str(value)
+
+
 def _content_datetime(value: datetime.datetime | None) -> datetime.datetime:
     """Content date/time as local wall-clock time (DA/TM carry no offset)."""
     if value is None:
@@ -169,7 +185,6 @@ def build_measurement_report(
         node=node,
         device_uid=str(device_uid),
         findings_text=findings_value,
-        tracking_uid=str(new_uid()),
     )
     equipment = model_equipment(
         model,
@@ -179,15 +194,10 @@ def build_measurement_report(
         contribution_datetime=when,
     )
 
+    # Our strings: the content tree, the equipment item and the General Equipment values.
     our_text = [
-        findings_value,
-        REVIEW_STATEMENT,
-        TEST_MODEL_STATEMENT,
-        model.name,
-        model.version,
-        model.device,
-        model.dtype,
-        result.prompt_profile,
+        *_strings(content[0]),
+        *_strings(equipment),
         node.manufacturer,
         node.institution_name,
         node.manufacturer_model_name,
@@ -196,9 +206,22 @@ def build_measurement_report(
         node.device_serial_number,
         node.institutional_department_name,
     ]
-    character_set = (
-        evidence[0].get("SpecificCharacterSet") if is_ascii(our_text) else UTF8_CHARACTER_SET
-    )
+    if report_language(result) == "zh" or not is_ascii(our_text):
+        character_set = UTF8_CHARACTER_SET
+    else:
+        character_set = evidence[0].get("SpecificCharacterSet")
+    coding_schemes = [
+        CodingSchemeIdentificationItem(
+            designator=scheme["designator"],
+            name=scheme["name"],
+            responsible_organization=scheme["responsible_organization"],
+        )
+        for scheme in (
+            (codes.IHE_CODING_SCHEME, codes.SCP_NODE_CODING_SCHEME)
+            if result.structured is not None  # the private triage concept is used
+            else (codes.IHE_CODING_SCHEME,)
+        )
+    ]
 
     first = _first_evidence_for_highdicom(evidence[0])
     sr = Comprehensive3DSR(
@@ -209,7 +232,7 @@ def build_measurement_report(
         sop_instance_uid=str(new_uid()),
         instance_number=instance_number,
         manufacturer=node.manufacturer,
-        is_complete=bool(findings.strip()),
+        is_complete=result.structured is not None or bool(findings.strip()),
         is_final=False,
         is_verified=False,
         institution_name=node.institution_name,
@@ -223,13 +246,7 @@ def build_measurement_report(
         content_time=when.time().replace(tzinfo=None),
         series_date=when.date(),
         series_time=when.time().replace(tzinfo=None),
-        coding_schemes=[
-            CodingSchemeIdentificationItem(
-                designator=codes.IHE_CODING_SCHEME["designator"],
-                name=codes.IHE_CODING_SCHEME["name"],
-                responsible_organization=codes.IHE_CODING_SCHEME["responsible_organization"],
-            )
-        ],
+        coding_schemes=coding_schemes,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         specific_character_set=character_set,
     )

@@ -19,6 +19,17 @@ TEST_MODEL_STATEMENT = (
     "(no trained weights) and has no clinical meaning."
 )
 
+#: The same statements in Chinese, for reports in language "zh". The English ones are written
+#: as well (with their own Language modifier), so a reader who does not read Chinese still sees
+#: that the content is AI-generated and unverified.
+REVIEW_STATEMENT_ZH = "人工智能生成的内容：临床使用前必须由医师审核。"
+TEST_MODEL_STATEMENT_ZH = "测试模型：此内容由随机初始化的测试模型（无训练权重）生成，没有临床意义。"
+
+#: Written next to the free text when the model's structured answer could not be parsed, so a
+#: reader knows why there are no coded findings; the parse error follows it.
+PARSE_FAILED_NOTE = "Structured parsing of the model answer failed; the model's free text is reported as is."
+PARSE_FAILED_NOTE_ZH = "模型回答的结构化解析失败；以下按原样报告模型的自由文本。"
+
 #: TEXT Value (0040,A160) is Type 1, so an empty model answer needs a visible placeholder.
 EMPTY_FINDINGS_PLACEHOLDER = "(The model returned no findings text.)"
 
@@ -33,6 +44,27 @@ UTF8_CHARACTER_SET = "ISO_IR 192"
 # Text VRs (ST/LT/UT) allow the control characters CR, LF, FF, TAB (PS3.5 6.1.3); ESC is only
 # meaningful with ISO 2022 code extensions, which a UTF-8 model answer never uses.
 _FORBIDDEN_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def review_statements(language: str) -> list[tuple[str, str]]:
+    """(language, text) of the AI review statement: Chinese first for "zh", English always."""
+    if language == "zh":
+        return [("zh", REVIEW_STATEMENT_ZH), ("en", REVIEW_STATEMENT)]
+    return [("en", REVIEW_STATEMENT)]
+
+
+def test_model_statements(language: str) -> list[tuple[str, str]]:
+    """(language, text) of the test-model label, in the same languages as the review statement."""
+    if language == "zh":
+        return [("zh", TEST_MODEL_STATEMENT_ZH), ("en", TEST_MODEL_STATEMENT)]
+    return [("en", TEST_MODEL_STATEMENT)]
+
+
+def parse_failed_note(language: str, parse_error: str) -> str:
+    """The note written when structured parsing failed, with the reason when one is known."""
+    note = PARSE_FAILED_NOTE_ZH if language == "zh" else PARSE_FAILED_NOTE
+    reason = clean_text(parse_error or "").strip()
+    return f"{note} ({reason})" if reason else note
 
 
 def series_description(is_test_model: bool) -> str:

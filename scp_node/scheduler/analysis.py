@@ -83,31 +83,68 @@ class AnalysisQueue:
         self.skip_exceptions = skip_exceptions
 
     def run_once(self) -> bool:
-        """Claim and run one job; return False when there was nothing to do."""
-        claim = self._claim()
-        if claim is None:
+        """Claim and run pending jobs; return False when there was nothing to do.
+
+        With an engine that has ``analyse_batch`` and ``max_batch`` > 1, up to ``max_batch`` jobs are
+        claimed (each in its own transaction, as for one job) and analysed in one batched call; each
+        job is then finished on its own, so one job's failure or skip never touches the others.
+        """
+        batch = max(1, int(getattr(self.engine, "max_batch", 1) or 1))
+        analyse_batch = getattr(self.engine, "analyse_batch", None)
+        if batch == 1 or analyse_batch is None:
+            claim = self._claim()
+            if claim is None:
+                return False
+            started = time.monotonic()
+            try:
+                result: AnalysisResult | BaseException = self.engine.analyse_series(claim.paths)
+            except Exception as exc:  # noqa: BLE001 - finished below like a batched job's error
+                result = exc
+            self._complete(claim, result, started)
+            return True
+        claims: list[_Claim] = []
+        while len(claims) < batch:
+            claim = self._claim()
+            if claim is None:
+                break
+            claims.append(claim)
+        if not claims:
             return False
-        ids = dict(study_uid=claim.study_uid, series_uid=claim.series_uid, patient_id=claim.patient_id)
         started = time.monotonic()
         try:
-            result = self.engine.analyse_series(claim.paths)
+            results = list(analyse_batch([c.paths for c in claims]))
+            if len(results) != len(claims):
+                raise RuntimeError(f"engine returned {len(results)} results for {len(claims)} jobs")
+        except Exception as exc:  # noqa: BLE001 - the engine should not raise, but no job is lost if it does
+            log.exception("batched analysis of %d jobs failed", len(claims))
+            results = [exc] * len(claims)
+        for claim, result in zip(claims, results):
+            self._complete(claim, result, started)
+        return True
+
+    def _complete(self, claim: _Claim, result: AnalysisResult | BaseException, started: float) -> None:
+        """Build, write and record the SR of one job, or record why it was skipped / failed."""
+        ids = dict(study_uid=claim.study_uid, series_uid=claim.series_uid, patient_id=claim.patient_id)
+        try:
+            if isinstance(result, BaseException):
+                raise result
             evidence = [pydicom.dcmread(p, stop_before_pixels=True) for p in claim.paths]
             sr = self.build_report(evidence, result)
             rel = instance_path(sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID)
             self.write_report(sr, self.storage_dir / rel, result)
         except self.skip_exceptions as exc:
             self._finish(claim, JobState.SKIPPED, str(exc), Event.ANALYSIS_SKIPPED, ids, outcome="warning")
-            return True
+            return
         except Exception as exc:  # noqa: BLE001 - a failed job is recorded, never lost
-            log.exception("analysis job %d failed", claim.job_id)
+            log.error("analysis job %d failed: %s: %s", claim.job_id, type(exc).__name__, exc,
+                      exc_info=(type(exc), exc, exc.__traceback__))
             self._failed(claim, exc, ids)
-            return True
+            return
         try:
             self._done(claim, result, sr, rel, time.monotonic() - started, ids)
         except Exception as exc:  # noqa: BLE001 - else the job would stay RUNNING until a restart
             log.exception("analysis job %d: recording the report failed", claim.job_id)
             self._failed(claim, exc, ids)
-        return True
 
     def _failed(self, claim: _Claim, exc: BaseException, ids: dict[str, str]) -> None:
         final = claim.attempts >= self.max_attempts

@@ -4,13 +4,23 @@ This is the one entry for every receive path (C-STORE now, STOW-RS later).  The 
 dcm4chee's: write the file durably, commit the index rows (and the audit row) in one
 transaction, and in ``finally`` remove any file the index did not accept.  Only when
 :meth:`Ingestor.ingest` returns has the instance been kept; the caller may then answer success.
+
+An instance comes either as bytes or as the path of a file a receiver already spooled (pynetdicom's
+chunked receive): a file is checked, hashed and copied in blocks, so a very large dataset is never
+held in memory.  Before anything is written the disk guard checks the free space left on the
+storage file system; below the watermark the store fails with :class:`StorageFailure` (the
+sender sees Out of Resources and keeps its copy).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
+import os
+import shutil
 import threading
+import uuid
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
@@ -26,8 +36,8 @@ from sqlalchemy.orm import Session
 from ..audit import AuditTrail, Event
 from .db import Database
 from .files import UnsafeUID, check_uid, instance_path, remove_quietly, sha256_hex, write_durably
-from .integrity import IncompleteDataset, check_complete
-from .models import Instance, Patient, Series, SeriesState, Study, utcnow
+from .integrity import IncompleteDataset, check_complete, check_complete_file
+from .models import Instance, Patient, Report, Series, SeriesState, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +99,55 @@ def parse_header(data: bytes) -> Dataset:
     return ds
 
 
+_PARSE_ERRORS = (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, IndexError, OSError,
+                 NotImplementedError, AttributeError, OverflowError, zlib.error)
+
+
+def parse_header_file(path: Path) -> Dataset:
+    """:func:`parse_header` for a spooled file: large values are skipped, never loaded."""
+    try:
+        check_complete_file(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=65536)
+        for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
+            ds.get(kw)
+    except IncompleteDataset as exc:
+        raise InvalidInstance(f"incomplete dataset: {exc}") from None
+    except _PARSE_ERRORS as exc:
+        raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
+    return ds
+
+
+_BLOCK = 1024 * 1024
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _copy_durably(src: Path, path: Path) -> None:
+    """:func:`write_durably` for a file: copy in blocks to a tmp name, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, _BLOCK)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class Ingestor:
     """Keeps instances in ``storage_dir`` and indexes them in ``db``."""
@@ -97,14 +156,75 @@ class Ingestor:
     storage_dir: Path
     audit: AuditTrail
     duplicate_policy: str = "keep_first"
+    #: Disk guard watermark (see ``[store] min_free_bytes`` / ``min_free_percent``); 0 switches it off.
+    min_free_bytes: int = 0
+    min_free_percent: float = 0.0
 
     def __post_init__(self) -> None:
         # Same-UID races (two associations sending one instance) are serialised per process.
         self._locks = [threading.Lock() for _ in range(64)]
 
-    def ingest(self, data: bytes, origin: Origin, expected_sop_class: str | None = None) -> IngestOutcome:
-        """Keep one Part 10 instance (preamble + meta + dataset, exactly as received)."""
-        ds = parse_header(data)
+    def recover(self) -> tuple[int, int]:
+        """At start: remove what a crash left half-done; return (tmp files, unindexed files) removed.
+
+        A ``kill -9`` between the write and the commit leaves a temporary file, or a whole file the
+        index never accepted (the sender got no success, so it resends).  The index is the truth:
+        neither is reachable, so both go, as the ``finally`` of the interrupted store would have done.
+        """
+        if not self.storage_dir.exists():
+            return 0, 0
+        with self.db.session() as session:
+            indexed = set(session.scalars(select(Instance.path)).all())
+            indexed |= set(session.scalars(select(Report.path)).all())  # the SRs we wrote live here too
+        tmp = orphans = 0
+        for folder, _dirs, files in os.walk(self.storage_dir):
+            for name in files:
+                path = Path(folder) / name
+                rel = path.relative_to(self.storage_dir).as_posix()
+                if name.startswith(".") and name.endswith(".tmp") or name.endswith(".dcm.new"):
+                    remove_quietly(path)
+                    tmp += 1
+                elif name.endswith(".dcm") and rel.count("/") == 2 and rel not in indexed:
+                    remove_quietly(path)
+                    orphans += 1
+        if tmp or orphans:
+            log.warning("removed %d temporary and %d unindexed files left by an interrupted store", tmp, orphans)
+        return tmp, orphans
+
+    def check_free_space(self, incoming: int) -> None:
+        """Raise :class:`StorageFailure` if keeping ``incoming`` more bytes would cross the watermark."""
+        if not self.min_free_bytes and not self.min_free_percent:
+            return
+        folder = self.storage_dir
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            usage = shutil.disk_usage(folder)
+        except OSError as exc:
+            raise StorageFailure(f"cannot read free disk space: {exc.strerror or exc}") from None
+        floor = max(self.min_free_bytes, int(usage.total * self.min_free_percent / 100))
+        if usage.free - incoming < floor:
+            raise StorageFailure(f"disk guard: {usage.free // 2**20} MiB free, watermark {floor // 2**20} MiB")
+
+    def ingest(self, data: bytes | Path, origin: Origin, expected_sop_class: str | None = None) -> IngestOutcome:
+        """Keep one Part 10 instance (preamble + meta + dataset, exactly as received).
+
+        ``data`` is the bytes, or the path of a spooled Part 10 file (read in blocks, copied, left
+        in place for the caller to remove).
+        """
+        if isinstance(data, Path):
+            try:
+                size = data.stat().st_size
+            except OSError as exc:
+                raise StorageFailure(f"spooled dataset is unreadable: {exc.strerror or exc}") from None
+            self.check_free_space(size)
+            ds = parse_header_file(data)
+        else:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise InvalidInstance(f"not a byte string: {type(data).__name__}")
+            data = bytes(data)
+            self.check_free_space(len(data))
+            ds = parse_header(data)
         try:
             sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
             sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID")
@@ -118,11 +238,11 @@ class Ingestor:
         if meta_sop and str(meta_sop) != sop_uid:
             raise InvalidInstance("MediaStorageSOPInstanceUID does not match SOPInstanceUID")
         rel = instance_path(study_uid, series_uid, sop_uid)
-        digest = sha256_hex(data)
+        digest = _sha256_file(data) if isinstance(data, Path) else sha256_hex(data)
         with self._locks[hash(sop_uid) % len(self._locks)]:
             return self._keep(ds, data, digest, rel, origin, sop_uid, sop_class, study_uid, series_uid)
 
-    def _keep(self, ds: Dataset, data: bytes, digest: str, rel: Path, origin: Origin, sop_uid: str,
+    def _keep(self, ds: Dataset, data: bytes | Path, digest: str, rel: Path, origin: Origin, sop_uid: str,
               sop_class: str, study_uid: str, series_uid: str) -> IngestOutcome:
         path = self.storage_dir / rel
         patient_id = _text(ds, "PatientID", 64)
@@ -148,7 +268,10 @@ class Ingestor:
         tmp_for_replace = path.with_name(path.name + ".new") if path.exists() else None
         target = tmp_for_replace or path
         try:
-            write_durably(target, data)
+            if isinstance(data, Path):
+                _copy_durably(data, target)
+            else:
+                write_durably(target, data)
         except OSError as exc:
             raise StorageFailure(f"cannot write file: {exc.strerror or exc}") from None
         committed = False
@@ -168,8 +291,9 @@ class Ingestor:
             if not committed:
                 remove_quietly(target)
 
-    def _index(self, ds: Dataset, data: bytes, digest: str, rel: Path, origin: Origin, sop_uid: str,
+    def _index(self, ds: Dataset, data: bytes | Path, digest: str, rel: Path, origin: Origin, sop_uid: str,
                sop_class: str, study_uid: str, series_uid: str, audit_ids: dict[str, str]) -> IngestOutcome:
+        size = data.stat().st_size if isinstance(data, Path) else len(data)
         for attempt in range(3):
             try:
                 with self.db.session() as session:
@@ -183,7 +307,7 @@ class Ingestor:
                     inst.instance_number = _int_or_none(ds, "InstanceNumber")
                     inst.transfer_syntax_uid = str(ds.file_meta.get("TransferSyntaxUID", ""))[:64]
                     inst.path = rel.as_posix()
-                    inst.size = len(data)
+                    inst.size = size
                     inst.sha256 = digest
                     inst.received_at = utcnow()
                     inst.calling_ae_title = origin.ae_title[:16]
@@ -191,7 +315,7 @@ class Ingestor:
                     inst.series_version = series.version
                     session.add(inst)
                     event = Event.INSTANCE_STORED
-                    detail = f"{len(data)} bytes via {origin.via}"
+                    detail = f"{size} bytes via {origin.via}"
                     if outcome is IngestOutcome.REPLACED:
                         detail += "; replaced a different copy (policy replace)"
                     self.audit.add(session, event, detail=detail, **audit_ids)

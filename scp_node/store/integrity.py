@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import warnings
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -52,6 +53,39 @@ def check_complete(data: bytes) -> Dataset:
         # its Sequence Delimitation Item; a byte missing there is a cut-short transfer.
         raise IncompleteDataset("the last element has no sequence delimiter (truncated)")
     return ds
+
+
+def check_complete_file(path: Path) -> None:
+    """:func:`check_complete` for a file on disk, without loading large values into memory.
+
+    Values over 64 KiB are deferred (pydicom records where they start and seeks past them); such a
+    value is whole only if the file reaches its declared end.
+    """
+    size = path.stat().st_size
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(path, defer_size=65536)
+    for w in caught:
+        if "End of file reached" in str(w.message) or "before delimiter" in str(w.message):
+            raise IncompleteDataset("dataset ends before a sequence or item delimiter (truncated)")
+    if len(ds) == 0:
+        raise IncompleteDataset("no data elements after the file meta information")
+    for tag in list(ds.keys()):
+        elem = ds._dict.get(tag)
+        if not isinstance(elem, RawDataElement) or elem.length == UNDEFINED_LENGTH:
+            continue
+        if elem.value is None and elem.length:
+            got = max(0, size - elem.value_tell) if elem.value_tell is not None else 0
+        else:
+            got = 0 if elem.value is None else len(elem.value)
+        if got < elem.length:
+            raise IncompleteDataset(f"element {tag} is truncated ({got} of {elem.length} bytes)")
+    last = ds._dict.get(max(ds.keys()))
+    if getattr(last, "length", 0) == UNDEFINED_LENGTH:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, size - 8))
+            if not fh.read(8).endswith(_DELIMITERS):
+                raise IncompleteDataset("the last element has no sequence delimiter (truncated)")
 
 
 _DELIMITERS = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")

@@ -39,7 +39,23 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engine(model_dir: Path):
     from scp_node.engine.medgemma import MedGemmaEngine
 
-    eng = MedGemmaEngine(model_dir, device="cpu", max_new_tokens=8)
+    eng = MedGemmaEngine(model_dir, device="cpu", max_new_tokens=8, structured=False)
+    eng.load()
+    return eng
+
+
+#: Small answer bounds keep constrained generation on CPU short (the worst case is ~600 tokens).
+SMALL_BOUNDS = dict(max_findings=2, location_chars=16, description_chars=40, impression_chars=40,
+                    recommendation_chars=24)
+
+
+@pytest.fixture(scope="session")
+def structured_engine(model_dir: Path):
+    from scp_node.engine.medgemma import MedGemmaEngine
+    from scp_node.engine.schema import SchemaBounds
+
+    eng = MedGemmaEngine(model_dir, device="cpu", structured=True, schema_bounds=SchemaBounds(**SMALL_BOUNDS),
+                         max_batch=4)
     eng.load()
     return eng
 

@@ -78,3 +78,57 @@ def test_chat_template_renders_in_order(engine) -> None:
     assert text.index("SLICE 1") > first_image and text.index("SLICE 2") > text.rindex("<start_of_image>")
     assert text.index("Based on the visual evidence") > text.index("SLICE 2")
     assert text.endswith("<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_configured_profiles_come_first_and_body_part_wins() -> None:
+    from scp_node.engine.prompts import merged_profiles
+
+    configured = {
+        "ct-head": {"modalities": ["CT"], "body_parts": ["HEAD"], "instruction": "Head CT.", "question": "Bleed?",
+                    "language": "zh"},
+        "cxr-report": {"modalities": ["CR", "DX"], "instruction": "Site CXR.", "question": "Q?"},
+    }
+    profiles = merged_profiles(configured)
+    assert list(profiles)[:2] == ["ct-head", "cxr-report"] and "mr-volume" in profiles
+    head = profile_for_modality("CT", profiles, body_part="head")
+    assert head.name == "ct-head" and head.language == "zh"
+    assert profile_for_modality("CT", profiles, body_part="CHEST").name == "ct-volume"
+    assert profile_for_modality("CT", profiles).name == "ct-volume"
+    assert profile_for_modality("DX", profiles).instruction == "Site CXR."
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"modalities": ["CT"], "instruction": "x"}, "'question'"),
+    ({"modalities": ["CT"], "instruction": "x", "question": "y", "language": "fr"}, "language"),
+    ({"modalities": "CT", "instruction": "x", "question": "y"}, "list of strings"),
+    ({"modalities": ["CT"], "instruction": "x", "question": "y", "colour": 1}, "unknown key"),
+])
+def test_bad_profiles_are_rejected(bad: dict, message: str) -> None:
+    from scp_node.engine.prompts import validate_profiles
+
+    with pytest.raises(ValueError, match=message):
+        validate_profiles({"p": bad})
+
+
+def test_structured_prompt_asks_for_json_in_the_language() -> None:
+    prepared = _prepared("CT", 3)
+    [message] = build_messages(prepared, profile_for_modality("CT"), structured=True, language="zh")
+    question = message["content"][-1]["text"]
+    assert '"findings"' in question and '"box_2d"' in question and "1 to 3" in question
+    assert "pleural_effusion" in question and "Simplified Chinese" in question
+    [message] = build_messages(_prepared("DX", 1), profile_for_modality("DX"))
+    assert "JSON" not in message["content"][-1]["text"]
+
+
+def test_engine_config_reads_prompt_tables(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from scp_node.config import ConfigError, load
+
+    path = tmp_path / "c.toml"
+    path.write_text('[engine]\nlanguage = "zh"\nmax_batch = 8\n[engine.prompts.ct-head]\nmodalities = ["CT"]\n'
+                    'body_parts = ["HEAD"]\ninstruction = "Head CT."\nquestion = "Bleed?"\n')
+    engine = load(path, environ={}).engine
+    assert (engine.language, engine.max_batch, engine.structured, engine.compile) == ("zh", 8, True, False)
+    assert engine.prompts["ct-head"]["body_parts"] == ["HEAD"]
+    path.write_text('[engine.prompts.ct-head]\nmodalities = ["CT"]\n')
+    with pytest.raises(ConfigError, match="instruction"):
+        load(path, environ={})

@@ -124,13 +124,22 @@ def test_tid1500_tree(cxr_sr):
     assert group.finding_type == codes.FINDING_TYPE
 
 
+def _document_comments(sr: hd.sr.Comprehensive3DSR) -> list[str]:
+    """Comment TEXT items of the document-level "Qualitative Evaluations" container."""
+    (container,) = find_content_items(sr.content[0], name=codes.QUALITATIVE_EVALUATIONS)
+    items = find_content_items(container, name=codes.COMMENT, value_type=ValueTypeValues.TEXT)
+    return [item.value for item in items]
+
+
 def test_statements_and_findings_text(cxr_sr, ct_sr):
     sr, result = cxr_sr
     assert _texts(sr, codes.FINDINGS_TEXT) == [result.findings_text]
-    comments = _texts(sr, codes.COMMENT)
+    comments = _document_comments(sr)
     assert REVIEW_STATEMENT in comments and TEST_MODEL_STATEMENT in comments
     prod, _ = ct_sr
-    assert _texts(prod, codes.COMMENT) == [REVIEW_STATEMENT]
+    assert _document_comments(prod) == [REVIEW_STATEMENT]
+    # no structured answer and no parse error: no "parsing failed" note in the group
+    assert _texts(prod, codes.COMMENT) == []
 
 
 def test_device_observer_is_the_model(cxr_sr):

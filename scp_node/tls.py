@@ -1,0 +1,53 @@
+"""DICOM TLS (PS3.15 Annex B.1, the "basic TLS secure transport connection profile").
+
+The SCP side: with ``[node] tls_cert``/``tls_key`` every association is TLS; with ``tls_ca`` a
+caller must also present a certificate signed by that CA (mutual TLS), so anonymous TLS and
+self-signed client certificates fail in the handshake, before any DICOM byte is read.  The SCU
+side (export) verifies the destination against its CA.  TLS 1.2 is the floor, as the profile asks.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from .config import Destination, NodeConfig
+
+
+class TLSConfigError(ValueError):
+    """A certificate, key or CA file cannot be loaded; the message names the file."""
+
+
+def server_context(node: NodeConfig) -> ssl.SSLContext | None:
+    """The SCP's TLS context, or None when ``[node]`` has no certificate (plain DICOM)."""
+    if not node.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(node.tls_cert, node.tls_key)
+        if node.tls_ca:
+            ctx.load_verify_locations(cafile=node.tls_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        else:
+            ctx.verify_mode = ssl.CERT_NONE
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError(f"[node] TLS files ({node.tls_cert}, {node.tls_key}, {node.tls_ca or 'no CA'}) "
+                             f"cannot be loaded: {exc}") from None
+    return ctx
+
+
+def client_context(dest: Destination) -> ssl.SSLContext | None:
+    """The export SCU's TLS context for ``dest``, or None when it is a plain DICOM destination.
+
+    The destination is verified against ``tls_ca`` (or the system store); its host name is not
+    checked because PACS certificates are routinely issued to an AE, not to the DNS name we dial.
+    """
+    if not dest.tls:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=dest.tls_ca or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if dest.tls_cert:
+        ctx.load_cert_chain(dest.tls_cert, dest.tls_key)
+    return ctx

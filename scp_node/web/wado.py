@@ -1,0 +1,116 @@
+"""WADO-RS: instances exactly as stored, and their metadata as DICOM JSON (PS3.18 10.4).
+
+Instances are streamed from the files byte for byte (the same bytes the sender gave us, or the
+SR as the node wrote it): no decoding, no transcoding.  A request for a transfer syntax other
+than the stored one is answered 406, never with silently different bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Iterator
+
+import pydicom
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from ..store.files import UnsafeUID
+from .catalog import Record, Scope
+from .context import WebContext
+from .media import DICOM, DICOM_JSON, MULTIPART_RELATED, DicomJSONResponse, MediaType, parse_accept
+from .qido import path_uid
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+
+
+def _records(request: Request) -> list[Record] | Response:
+    ctx: WebContext = request.app.state.ctx
+    try:
+        study, series, sop = (path_uid(request, n) for n in ("study", "series", "instance"))
+    except UnsafeUID as exc:
+        return DicomJSONResponse({"error": str(exc)}, status_code=400)
+    scope = Scope(study=frozenset({study}) if study else None, series=frozenset({series}) if series else None,
+                  sop=frozenset({sop}) if sop else None)
+    records = sorted(ctx.catalog.instances(scope), key=lambda r: r.sort_key)
+    if not records:
+        return DicomJSONResponse({"error": "no such resource"}, status_code=404)
+    return records
+
+
+def _ts_ok(media: MediaType, records: list[Record]) -> bool:
+    ts = media.params.get("transfer-syntax", "*")
+    return ts == "*" or all(r.transfer_syntax == ts for r in records)
+
+
+def _choose(accept: list[MediaType], records: list[Record], single: bool) -> str | None:
+    """'multipart' or 'single' (application/dicom, one instance only), or None: 406."""
+    for m in accept:
+        if m.type in ("*/*", "multipart/*"):
+            return "multipart"
+        if m.type == MULTIPART_RELATED and m.params.get("type", DICOM).lower() in (DICOM, "application/*", "*/*") \
+                and _ts_ok(m, records):
+            return "multipart"
+        if m.type == DICOM and single and _ts_ok(m, records):
+            return "single"
+    return None
+
+
+def _file_chunks(record: Record) -> Iterator[bytes]:
+    with open(record.path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk
+
+
+def _multipart(records: list[Record], boundary: str) -> Iterator[bytes]:
+    b = boundary.encode("ascii")
+    for r in records:
+        yield (b"--" + b + b"\r\nContent-Type: application/dicom; transfer-syntax="
+               + r.transfer_syntax.encode("ascii") + b"\r\n\r\n")
+        yield from _file_chunks(r)
+        yield b"\r\n"
+    yield b"--" + b + b"--\r\n"
+
+
+def retrieve(request: Request) -> Response:
+    """Study, series or instance as ``multipart/related; type="application/dicom"`` (or one file)."""
+    found = _records(request)
+    if isinstance(found, Response):
+        return found
+    missing = [r for r in found if not r.path.is_file()]
+    if missing:
+        log.error("WADO-RS: %d indexed files are missing from the store", len(missing))
+        return DicomJSONResponse({"error": "stored file missing"}, status_code=500)
+    single = "instance" in request.path_params and len(found) == 1
+    how = _choose(parse_accept(request.headers.get("accept")), found, single)
+    if how is None:
+        return DicomJSONResponse({"error": "not acceptable: instances are served in their stored transfer "
+                                           "syntax as application/dicom"}, status_code=406)
+    if how == "single":
+        r = found[0]
+        return StreamingResponse(_file_chunks(r), media_type=f"{DICOM}; transfer-syntax={r.transfer_syntax}",
+                                 headers={"Content-Length": str(r.path.stat().st_size)})
+    boundary = uuid.uuid4().hex
+    return StreamingResponse(_multipart(found, boundary),
+                             media_type=f'{MULTIPART_RELATED}; type="{DICOM}"; boundary={boundary}')
+
+
+def metadata(request: Request) -> Response:
+    """DICOM JSON of each instance's header; pixel data is left out (no BulkDataURI is offered)."""
+    found = _records(request)
+    if isinstance(found, Response):
+        return found
+    accept = parse_accept(request.headers.get("accept"))
+    if not any(m.type in (DICOM_JSON, "application/json", "application/*", "*/*") for m in accept):
+        return DicomJSONResponse({"error": "metadata is served as application/dicom+json"}, status_code=406)
+    out = []
+    for r in found:
+        try:
+            ds = pydicom.dcmread(r.path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - say which failed without its content
+            log.exception("WADO-RS metadata: cannot read a stored file")
+            return DicomJSONResponse({"error": "cannot read a stored instance"}, status_code=500)
+        out.append(ds.to_json_dict(suppress_invalid_tags=True))
+    return DicomJSONResponse(out)
