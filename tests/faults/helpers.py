@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -100,8 +101,9 @@ class Proxy:
     """A TCP proxy in front of a PACS: ``forward`` (pass bytes), ``stall`` (accept, never answer),
     ``refuse`` (accept and close at once: the PACS is down)."""
 
-    def __init__(self, target_port: int, mode: str = "forward") -> None:
+    def __init__(self, target_port: int, mode: str = "forward", rate: float = 0.0) -> None:
         self.target_port = target_port
+        self.rate = rate  # bytes/s client -> target when > 0 (a slow link)
         self.mode = mode
         self.connections = 0
         self._sock = socket.socket()
@@ -134,10 +136,12 @@ class Proxy:
             client.close()
             return
 
-        def pipe(a: socket.socket, b: socket.socket) -> None:
+        def pipe(a: socket.socket, b: socket.socket, rate: float = 0.0) -> None:
             try:
                 while data := a.recv(65536):
                     b.sendall(data)
+                    if rate:
+                        time.sleep(len(data) / rate)
             except OSError:
                 pass
             finally:
@@ -148,7 +152,7 @@ class Proxy:
                         pass
 
         threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
-        pipe(client, upstream)
+        pipe(client, upstream, self.rate)
 
     def close(self) -> None:
         self._closed = True

@@ -1,0 +1,108 @@
+// Open a study in OHIF as a radiologist would, open the SR series, and report what is shown.
+// Usage: node drive_ohif.js CONFIG_JSON   (url, studyUID, outDir, chromium, puppeteerDir, label)
+// Prints one JSON line: {ok, annotations, overlay, labels, screenshots, steps, errors}.
+'use strict';
+const path = require('path');
+const cfg = JSON.parse(process.argv[2]);
+const puppeteer = require(path.join(cfg.puppeteerDir, 'node_modules', 'puppeteer-core'));
+
+const sleep = ms => new Promise(r => setTimeout(r, ms));
+const steps = [];
+const errors = [];
+
+async function clickButtonByText(page, texts) {
+  // Tour and dialog buttons: Shepherd (".shepherd-button") and OHIF dialogs use <button>.
+  return page.evaluate(wanted => {
+    const buttons = [...document.querySelectorAll('button, .shepherd-button, [role="button"]')];
+    for (const b of buttons) {
+      const t = (b.innerText || b.textContent || '').trim();
+      if (wanted.some(w => t.toLowerCase() === w.toLowerCase()) && b.offsetParent !== null) {
+        b.click();
+        return t;
+      }
+    }
+    const cancel = document.querySelector('.shepherd-cancel-icon');
+    if (cancel) { cancel.click(); return 'shepherd-cancel-icon'; }
+    return null;
+  }, texts);
+}
+
+async function dismissPopups(page, rounds) {
+  for (let i = 0; i < rounds; i++) {
+    const clicked = await clickButtonByText(page, ['Skip all', 'Skip', 'Close', 'Got it', 'Confirm and Hide', 'Confirm', 'Dismiss', 'No', 'Cancel']);
+    if (clicked) { steps.push(`clicked ${clicked}`); await sleep(400); } else { await sleep(250); }
+  }
+}
+
+(async () => {
+  const browser = await puppeteer.launch({
+    executablePath: cfg.chromium,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      `--user-data-dir=${cfg.userDataDir}`, '--window-size=1600,1000'],
+    defaultViewport: { width: 1600, height: 1000 },
+  });
+  const result = { ok: false, screenshots: [], steps, errors };
+  try {
+    const page = await browser.newPage();
+    page.on('pageerror', e => errors.push(String(e).slice(0, 300)));
+    page.on('console', m => { if (m.type() === 'error') errors.push(('console: ' + m.text()).slice(0, 300)); });
+    page.on('requestfailed', r => errors.push(('requestfailed: ' + (r.failure() && r.failure().errorText) + ' ' + r.url().slice(-60))));
+    await page.goto(`${cfg.url}/viewer?StudyInstanceUIDs=${cfg.studyUID}`, { waitUntil: 'domcontentloaded', timeout: 60000 });
+    steps.push('loaded viewer');
+    // wait for the study browser thumbnails
+    await page.waitForFunction(() => document.querySelectorAll('[data-cy^="study-browser-thumbnail"]').length >= 2, { timeout: 60000 });
+    steps.push('thumbnails shown');
+    await dismissPopups(page, 8);
+    const shot0 = path.join(cfg.outDir, `${cfg.label}-0-study.png`);
+    await page.screenshot({ path: shot0 }); result.screenshots.push(shot0);
+    // open the SR series: double-click its thumbnail (the one described as SR)
+    const opened = await page.evaluate(() => {
+      const thumbs = [...document.querySelectorAll('[data-cy^="study-browser-thumbnail"]')];
+      const sr = thumbs.find(t => /\bSR\b/.test(t.innerText || ''));
+      if (!sr) return thumbs.map(t => (t.innerText || '').replace(/\s+/g, ' ')).join(' | ');
+      sr.scrollIntoView();
+      const ev = new MouseEvent('dblclick', { bubbles: true, cancelable: true, view: window });
+      sr.dispatchEvent(ev);
+      return 'ok';
+    });
+    steps.push(`open SR: ${opened}`);
+    await sleep(1500);
+    await dismissPopups(page, 6);
+    // the SR viewport draws the SCOORD as an SVG annotation
+    try {
+      await page.waitForFunction(() => document.querySelectorAll('svg [data-annotation-uid], svg g[data-annotation-uid]').length > 0, { timeout: 30000 });
+    } catch (e) { errors.push('no SVG annotation within 30 s'); }
+    // wait until the referenced image is painted (canvas no longer all black), at most 30 s
+    try {
+      await page.waitForFunction(() => {
+        const c = [...document.querySelectorAll('canvas')].find(x => x.width > 200);
+        if (!c) return false;
+        const d = document.createElement('canvas'); d.width = 64; d.height = 64;
+        const g = d.getContext('2d'); g.drawImage(c, 0, 0, 64, 64);
+        const px = g.getImageData(0, 0, 64, 64).data;
+        let lit = 0; for (let i = 0; i < px.length; i += 4) if (px[i] + px[i + 1] + px[i + 2] > 30) lit++;
+        return lit > 200;
+      }, { timeout: 30000, polling: 500 });
+      steps.push('image painted');
+    } catch (e) { errors.push('image not painted within 30 s'); }
+    await sleep(1000);
+    const info = await page.evaluate(() => {
+      const annotations = [...document.querySelectorAll('svg g[data-annotation-uid]')].map(g => g.getAttribute('data-annotation-uid'));
+      const svgText = [...document.querySelectorAll('svg text')].map(t => t.textContent).filter(Boolean);
+      const overlay = [...document.querySelectorAll('.viewport-overlay, [class*="overlay"]')].map(e => e.innerText).join(' | ').replace(/\s+/g, ' ').slice(0, 2000);
+      const body = document.body.innerText.replace(/\s+/g, ' ').slice(0, 4000);
+      return { annotations: [...new Set(annotations)], svgText, overlay, body };
+    });
+    Object.assign(result, info);
+    const shot1 = path.join(cfg.outDir, `${cfg.label}-1-sr.png`);
+    await page.screenshot({ path: shot1 }); result.screenshots.push(shot1);
+    result.ok = info.annotations.length > 0;
+  } catch (e) {
+    errors.push(String(e).slice(0, 500));
+  } finally {
+    await browser.close();
+  }
+  console.log(JSON.stringify(result));
+})();
