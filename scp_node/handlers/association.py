@@ -149,11 +149,13 @@ def handle_aborted(event: evt.Event, audit: AuditTrail) -> None:
                  peer=str(rq.address))
 
 
-def _handle_conn_close(event: evt.Event, address: str, audit: AuditTrail) -> None:
-    """EVT_CONN_CLOSE: a connection that never became an association (random bytes, an HTTP
-    request, a port probe, a dropped handshake) still leaves an audit row saying so."""
+def _handle_conn_close(event: evt.Event, address: str, guard: "_PDULengthGuard", audit: AuditTrail) -> None:
+    """EVT_CONN_CLOSE: a connection that sent bytes but never became an association (random
+    bytes, an HTTP request) still leaves an audit row saying so.  A bare connect and close (a
+    monitoring port probe, ``scp-node status``) sends nothing and is not audited."""
     assoc = event.assoc
-    if getattr(assoc, _AUDITED, False) or getattr(assoc, "_scp_node_accepted", False) or assoc.is_rejected:
+    if (getattr(assoc, _AUDITED, False) or getattr(assoc, "_scp_node_accepted", False) or assoc.is_rejected
+            or not guard.received_any):
         return
     setattr(assoc, _AUDITED, True)
     audit.record(Event.ASSOCIATION_ABORTED, outcome="failure", peer=address,
@@ -175,6 +177,7 @@ class _PDULengthGuard:
         self._max_pdata = max_pdata
         self._on_violation = on_violation
         self._body_of: int | None = None  # PDU type whose body is read next
+        self.received_any = False  # a bare connect + close (a port probe) is not worth an audit row
 
     def __call__(self, nr_bytes: int) -> bytearray:
         if self._body_of is not None:
@@ -188,6 +191,8 @@ class _PDULengthGuard:
                 self._on_violation(pdu_type, nr_bytes, limit)
                 raise ConnectionAbortedError(f"PDU of {nr_bytes} bytes exceeds the limit of {limit}")
         data = self._recv(nr_bytes)
+        if data:
+            self.received_any = True
         if nr_bytes == 6 and len(data) == 6:
             self._body_of = data[0]
         return data
@@ -210,5 +215,6 @@ def handle_conn_open(event: evt.Event, max_pdu_size: int, audit: AuditTrail) -> 
                      detail=f"PDU type 0x{pdu_type:02X} declares {length} bytes, over our limit of {limit}; "
                             "A-ABORT sent without reading it")
 
-    sock.recv = _PDULengthGuard(sock.recv, sock.socket, max_pdu_size, violation)  # type: ignore[method-assign]
-    assoc.bind(evt.EVT_CONN_CLOSE, _handle_conn_close, [address, audit])
+    guard = _PDULengthGuard(sock.recv, sock.socket, max_pdu_size, violation)
+    sock.recv = guard  # type: ignore[method-assign]
+    assoc.bind(evt.EVT_CONN_CLOSE, _handle_conn_close, [address, guard, audit])

@@ -401,8 +401,12 @@ def measurement_groups(
     sources: Sequence[SourceImage],
     findings_text: str,
 ) -> list:
-    """The Imaging Measurements groups: one per structured finding, else the free-text group."""
-    if result.structured is None:
+    """The Imaging Measurements groups: one per structured finding, else the free-text group.
+
+    A structured answer that lists no findings still gets the free-text group (TID 1500 needs at
+    least one group, and "the model named nothing" must not be coded as "no abnormality").
+    """
+    if result.structured is None or not result.structured.findings:
         return [free_text_group(result, sources, findings_text, str(new_uid()))]
     by_uid = {str(s.dataset.SOPInstanceUID): s for s in sources}
     return [

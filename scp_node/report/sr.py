@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import Comprehensive3DSR
-from pydicom import Dataset
+from pydicom import Dataset, valuerep
 from pydicom.uid import ExplicitVRLittleEndian
 
 from scp_node import IMPLEMENTATION_VERSION_NAME
@@ -76,7 +76,37 @@ def _first_evidence_for_highdicom(first: Dataset) -> Dataset:
     if str(patched.PatientSex or "").strip() not in _PATIENT_SEX_VALUES:
         logger.warning("source Patient's Sex is not M/F/O; written empty in the SR")
         patched.PatientSex = None
+    for keyword, vr in _DATE_TIME_READ_BY_HIGHDICOM.items():
+        _repair_date_time(patched, keyword, vr)
     return patched
+
+
+#: Date/time attributes highdicom converts to DA/TM objects; hospital data has broken ones
+#: (a de-identifier's hash in a date, ACR-NEMA "HH:MM:SS" times).
+_DATE_TIME_READ_BY_HIGHDICOM = {"PatientBirthDate": "DA", "StudyDate": "DA", "StudyTime": "TM"}
+
+
+def _repair_date_time(patched: Dataset, keyword: str, vr: str) -> None:
+    """Keep a convertible value; repair the old colon/dot forms; else write it empty (Type 2).
+
+    An unconvertible value would make highdicom raise and the whole report fail, which loses
+    the analysis for a cosmetic header problem.
+    """
+    raw = patched.get(keyword)
+    if raw in (None, ""):
+        return
+    cls = valuerep.DA if vr == "DA" else valuerep.TM
+    text = str(raw).strip()
+    for candidate in (text, text.replace(":", "") if vr == "TM" else text.replace(".", "")):
+        try:
+            cls(candidate)
+        except (ValueError, TypeError, OverflowError):
+            continue
+        if candidate != text:
+            setattr(patched, keyword, candidate)
+        return
+    logger.warning("source %s is not a valid %s; written empty in the SR", keyword, vr)
+    setattr(patched, keyword, None)
 
 
 def _resolve_sources(evidence: Sequence[Dataset], result: AnalysisResult) -> list[SourceImage]:

@@ -259,6 +259,40 @@ def test_connection_level_garbage_and_oversized_pdus(node: NodeProcess, tmp_path
     assert clean == tried
 
 
+def _send_part_then_abort(assoc: "object", path: Path) -> None:
+    """On an established association: the C-STORE-RQ command and the first 4 MiB of the dataset
+    as raw P-DATA-TF PDUs (the last-fragment bit never set), then a raw A-ABORT PDU."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    meta = pydicom.filereader.read_file_meta_info(path)
+    req = C_STORE()
+    req.MessageID = 7
+    req.AffectedSOPClassUID = meta.MediaStorageSOPClassUID
+    req.AffectedSOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    req.Priority = 2
+    body = _body_of(path)[0]
+    req.DataSet = BytesIO(body[: 4 * 2**20 + 1000])
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    cx = assoc.accepted_contexts[0].context_id  # type: ignore[attr-defined]
+    raw = assoc.dul.socket.socket  # type: ignore[attr-defined]
+    sent = 0
+    for primitive in msg.encode_msg(cx, 16384):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        data = pdu.encode()
+        if primitive.presentation_data_value_list[0][1][0] & 0x03 == 0x02:
+            break  # the dataset's last fragment: never sent
+        raw.sendall(data)
+        sent += len(data)
+        if sent > 4 * 2**20:
+            break
+    raw.sendall(struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0, 0))
+    time.sleep(1)
+
+
 def _big_file(out: Path, megabytes: int) -> Path:
     """A CT header followed by ``megabytes`` of OB Pixel Data, written in blocks (never in memory)."""
     ds = pydicom.dcmread(sorted(need_data(CT_DIR).glob("*.dcm"))[0], stop_before_pixels=True)
@@ -299,14 +333,10 @@ def test_abort_mid_dataset_and_a_very_large_dataset(node: NodeProcess, tmp_path:
     _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", slow.port, ae_title="SCPNODE", max_pdu=16384)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="SCPNODE", max_pdu=16384)
     assert assoc.is_established
     aborted = count_event(folder, "association.aborted")
-    t = threading.Thread(target=lambda: assoc.send_c_store(big), daemon=True)
-    t.start()
-    time.sleep(1.0)
-    assoc.abort()
-    t.join(30)
+    _send_part_then_abort(assoc, big)
     wait_for(lambda: count_event(folder, "association.aborted") > aborted, 60, what="audit row for the A-ABORT")
     tried += 1
     assert instance_counts(folder) == before

@@ -43,7 +43,7 @@ def test_pacs_down_backoff_restart_dead_letter_and_retry(tmp_path: Path, orthanc
         assert node.stop() == 0, node.output()[-3000:]
     # Survives a restart: the job is still pending with its attempts counted.
     (state, attempts), = query(folder, "select state, attempts from export_jobs")
-    assert state == "pending" and attempts >= 1
+    assert state == "PENDING" and attempts >= 1
     node = start_node(config, node_port, log_name="node2.log")
     try:
         wait_for(lambda: count_event(folder, "export.dead"), 120, interval=0.2, what="the export dead-lettered")
@@ -70,4 +70,4 @@ def test_pacs_down_backoff_restart_dead_letter_and_retry(tmp_path: Path, orthanc
                   export_dead_rows=count_event(folder, "export.dead"), backoff_delays_s=delays,
                   exports_expected=1, sr_in_orthanc_after_retry=srs, connections_seen_by_pacs=proxy.connections)
     assert srs == 1 and count_event(folder, "export.ok") == 1
-    assert query(folder, "select state from export_jobs") == [("done",)]
+    assert query(folder, "select state from export_jobs") == [("DONE",)]

@@ -342,3 +342,18 @@ def test_sources_with_frames_keep_their_frame(cxr_rg1, make_result, node):
     sr = build_measurement_report(cxr_rg1, result, node=node)
     (scoord,) = _scoords(sr)
     assert scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_structured_answer_without_findings_keeps_the_text_and_validates(
+        ct_series, make_result, node, strict_writing_mode, tmp_path, require_tool):
+    """The random test model often names no finding: the SR still needs its one TID 1501 group."""
+    result = make_result(ct_series, "Impression: nothing specific named by the model.", test_model=True)
+    result.structured = StructuredFindings(findings=(), impression="nothing specific", triage="normal")
+    with strict_writing_mode():
+        sr = build_measurement_report(ct_series, result, node=node)
+        path = write_report(sr, tmp_path / "empty.dcm")
+    (group,) = read_report(path).content.get_image_measurement_groups()
+    assert group.finding_type == codes.FINDING_TYPE
+    assert result.findings_text in [i.TextValue for i in group[0].ContentSequence if i.ValueType == "TEXT"]
+    v = _run(require_tool("dciodvfy"), str(path))
+    assert v.returncode == 0 and not [ln for ln in (v.stdout + v.stderr).splitlines() if ln.startswith("Error")]

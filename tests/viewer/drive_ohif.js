@@ -34,6 +34,23 @@ async function dismissPopups(page, rounds) {
   }
 }
 
+async function waitPainted(page, what) {
+  // the viewport canvas is no longer all black: the image is decoded and drawn (at most 40 s)
+  try {
+    await page.waitForFunction(() => {
+      const c = [...document.querySelectorAll('canvas')].find(x => x.width > 200);
+      if (!c) return false;
+      const d = document.createElement('canvas'); d.width = 64; d.height = 64;
+      const g = d.getContext('2d'); g.drawImage(c, 0, 0, 64, 64);
+      const px = g.getImageData(0, 0, 64, 64).data;
+      let lit = 0; for (let i = 0; i < px.length; i += 4) if (px[i] + px[i + 1] + px[i + 2] > 30) lit++;
+      return lit > 200;
+    }, { timeout: 40000, polling: 500 });
+    steps.push(what);
+    return true;
+  } catch (e) { errors.push(`${what}: not within 40 s`); return false; }
+}
+
 (async () => {
   const browser = await puppeteer.launch({
     executablePath: cfg.chromium,
@@ -55,6 +72,7 @@ async function dismissPopups(page, rounds) {
     await page.waitForFunction(() => document.querySelectorAll('[data-cy^="study-browser-thumbnail"]').length >= 2, { timeout: 60000 });
     steps.push('thumbnails shown');
     await dismissPopups(page, 8);
+    await waitPainted(page, 'first image painted');
     const shot0 = path.join(cfg.outDir, `${cfg.label}-0-study.png`);
     await page.screenshot({ path: shot0 }); result.screenshots.push(shot0);
     // open the SR series: double-click its thumbnail (the one described as SR)
@@ -74,19 +92,7 @@ async function dismissPopups(page, rounds) {
     try {
       await page.waitForFunction(() => document.querySelectorAll('svg [data-annotation-uid], svg g[data-annotation-uid]').length > 0, { timeout: 30000 });
     } catch (e) { errors.push('no SVG annotation within 30 s'); }
-    // wait until the referenced image is painted (canvas no longer all black), at most 30 s
-    try {
-      await page.waitForFunction(() => {
-        const c = [...document.querySelectorAll('canvas')].find(x => x.width > 200);
-        if (!c) return false;
-        const d = document.createElement('canvas'); d.width = 64; d.height = 64;
-        const g = d.getContext('2d'); g.drawImage(c, 0, 0, 64, 64);
-        const px = g.getImageData(0, 0, 64, 64).data;
-        let lit = 0; for (let i = 0; i < px.length; i += 4) if (px[i] + px[i + 1] + px[i + 2] > 30) lit++;
-        return lit > 200;
-      }, { timeout: 30000, polling: 500 });
-      steps.push('image painted');
-    } catch (e) { errors.push('image not painted within 30 s'); }
+    await waitPainted(page, 'SR image painted');
     await sleep(1000);
     const info = await page.evaluate(() => {
       const annotations = [...document.querySelectorAll('svg g[data-annotation-uid]')].map(g => g.getAttribute('data-annotation-uid'));

@@ -1,0 +1,179 @@
+"""Ingest throughput: the 133-slice CT from several concurrent DCMTK ``storescu`` senders to
+scp_node, Orthanc and DCMTK ``storescp``, in one run on one machine.
+
+Each sender gets its own copy of the series with new Study/Series/SOP Instance UIDs (rewritten
+with pydicom into a temp folder first), so every receiver stores new data.  ``TCP_NODELAY=1`` is
+set for every DCMTK process and Orthanc.  Prints instances/s and MB/s per receiver, the ratios,
+and the node's memory (RSS) before and after; writes the figures to
+``test-artifacts/ingest-bench.json``.
+
+    python benchmarks/ingest_bench.py [--senders 4] [--rounds 1] [--only scp_node,orthanc,storescp]
+
+``--rounds N`` sends N series per sender per receiver (memory over many instances: 4 senders x
+19 rounds x 133 = 10,108 instances).  scp_node runs as ``scp-node serve`` with the tiny test
+model and a series window long enough that no analysis runs during the measurement: this is
+the receive path, durable (fsync) and indexed (SQLite, synchronous=FULL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.net import free_port, wait_port  # noqa: E402
+from tests.support.node import cli, start_node, write_config  # noqa: E402
+from tests.support.orthanc import start_orthanc  # noqa: E402
+from tests.support.paths import CT_DIR  # noqa: E402
+
+ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+def rewrite_copies(files: list[Path], out: Path, copies: int) -> list[list[Path]]:
+    """``copies`` copies of the series, each with new UIDs."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    result = []
+    for c in range(copies):
+        folder = out / f"copy{c:03d}"
+        folder.mkdir(parents=True)
+        study, series = generate_uid(), generate_uid()
+        paths = []
+        for i, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            p = folder / f"{i:04d}.dcm"
+            ds.save_as(p)
+            paths.append(p)
+        result.append(paths)
+    return result
+
+
+def rss_mib(pid: int) -> dict[str, float]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    return out
+
+
+def send_all(port: int, aec: str, batches: list[list[list[Path]]]) -> float:
+    """One storescu per sender, all at once; each sender sends its batches in one association each
+    (as a modality sends a series); return the wall time until every sender is done."""
+    start = time.perf_counter()
+    procs = []
+    for sender_batches in batches:
+        files = [str(p) for batch in sender_batches for p in batch]
+        procs.append(subprocess.Popen(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port),
+                                       *files], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV))
+    outs = [(p.wait(), p.stdout.read().decode(errors="replace") if p.stdout else "") for p in procs]
+    elapsed = time.perf_counter() - start
+    for rc, out in outs:
+        if rc != 0:
+            raise RuntimeError(f"storescu failed ({rc}): {out[-2000:]}")
+    return elapsed
+
+
+def run_target(name: str, start: Callable[[], tuple[int, str, Callable[[], None], int | None]],
+               batches: list[list[list[Path]]], n: int, size: int) -> dict[str, object]:
+    port, aec, stop, pid = start()
+    try:
+        before = rss_mib(pid) if pid else {}
+        seconds = send_all(port, aec, batches)
+        after = rss_mib(pid) if pid else {}
+    finally:
+        stop()
+    row: dict[str, object] = {"instances": n, "seconds": round(seconds, 2), "instances_per_s": round(n / seconds, 1),
+                              "mb_per_s": round(size / seconds / 1e6, 1)}
+    if pid:
+        row["rss_before_mib"], row["rss_after_mib"] = before.get("VmRSS"), after.get("VmRSS")
+        row["rss_peak_mib"] = after.get("VmHWM")
+    print(f"{name:9s} {n:6d} instances in {seconds:7.2f} s: {row['instances_per_s']:7.1f} inst/s "
+          f"{row['mb_per_s']:6.1f} MB/s" + (f"  RSS {row['rss_before_mib']} -> {row['rss_after_mib']} MiB "
+                                             f"(peak {row['rss_peak_mib']})" if pid else ""), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--senders", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--only", default="scp_node,orthanc,storescp")
+    ap.add_argument("--keep", action="store_true", help="keep the temp folder")
+    args = ap.parse_args()
+    targets = args.only.split(",")
+    work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    try:
+        files = sorted(CT_DIR.glob("*.dcm"))
+        copies = rewrite_copies(files, work / "data", args.senders * args.rounds)
+        batches = [copies[s * args.rounds:(s + 1) * args.rounds] for s in range(args.senders)]
+        n = sum(len(b) for sb in batches for b in sb)
+        size = sum(p.stat().st_size for sb in batches for b in sb for p in b)
+        print(f"{args.senders} concurrent storescu senders x {args.rounds} series x {len(files)} slices = {n} "
+              f"instances, {size / 1e6:.0f} MB; cpus {os.cpu_count()}", flush=True)
+        results: dict[str, dict[str, object]] = {}
+
+        def scp_node() -> tuple[int, str, Callable[[], None], int | None]:
+            folder = work / "scp_node"
+            folder.mkdir()
+            model = work / "model"
+            if not model.exists():
+                r = cli("make-test-model", str(model))
+                assert r.returncode == 0, r.stderr
+            port = free_port()
+            config = write_config(folder, model_dir=model, port=port, stable_seconds=36000,
+                                  peers=[("STORESCU", "127.0.0.1")])
+            node = start_node(config, port, timeout=300)
+            return port, "SCPNODE", lambda: node.stop(), node.proc.pid
+
+        def orthanc() -> tuple[int, str, Callable[[], None], int | None]:
+            o = start_orthanc(work / "orthanc", {})
+            return o.dicom_port, "ORTHANC", o.stop, o.proc.pid
+
+        def storescp() -> tuple[int, str, Callable[[], None], int | None]:
+            out = work / "storescp"
+            out.mkdir()
+            port = free_port()
+            p = subprocess.Popen(["/usr/bin/storescp", "--fork", "-od", str(out), str(port)], env=ENV,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_port(port, 30)
+
+            def stop() -> None:
+                p.terminate()
+                p.wait(timeout=20)
+            return port, "STORESCP", stop, None
+
+        starters = {"scp_node": scp_node, "orthanc": orthanc, "storescp": storescp}
+        for t in targets:
+            results[t] = run_target(t, starters[t], batches, n, size)
+        if "scp_node" in results:
+            for other in ("orthanc", "storescp"):
+                if other in results:
+                    ratio = float(results["scp_node"]["instances_per_s"]) / float(results[other]["instances_per_s"])
+                    results["scp_node"][f"ratio_vs_{other}"] = round(ratio, 2)
+                    print(f"scp_node / {other}: {ratio:.2f}x")
+        out = REPO / "test-artifacts" / "ingest-bench.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps({"senders": args.senders, "rounds": args.rounds, "instances": n,
+                                   "megabytes": round(size / 1e6), "cpus": os.cpu_count(), "results": results},
+                                  indent=2) + "\n")
+        print(f"written {out.relative_to(REPO)}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
