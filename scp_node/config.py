@@ -9,6 +9,7 @@ against the file's own folder so that a config works from any working directory.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -184,6 +185,12 @@ class Destination:
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    #: Routing rule: only SRs of series with one of these modalities go here (empty: every SR).
+    modalities: tuple[str, ...] = ()
+
+    def wants(self, modality: str) -> bool:
+        """Whether an SR about a series of ``modality`` is routed to this destination."""
+        return not self.modalities or modality.upper() in self.modalities
 
 
 @dataclass(frozen=True)
@@ -369,8 +376,10 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     web = _web_config(data["web"], base) if "web" in data else None
     dests = []
     for i, d in enumerate(_tables(data, "destinations")):
+        d = dict(d)
+        modalities = _modalities(i, d.pop("modalities", []))
         if isinstance(d.get("kind"), str) and d["kind"] == "dicomweb":
-            dests.append(_dicomweb_destination(i, d))
+            dests.append(dataclasses.replace(_dicomweb_destination(i, d), modalities=modalities))
             continue
         try:
             port = d["port"]
@@ -385,10 +394,17 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
         if dest.kind != "dimse":
             raise ConfigError(f"[[destinations]] {dest.name}: kind {dest.kind!r} is not supported "
                               "(use 'dimse' or 'dicomweb')")
-        dests.append(dest)
+        dests.append(dataclasses.replace(dest, modalities=modalities))
     if len({d.name for d in dests}) != len(dests):
         raise ConfigError("[[destinations]] names must be unique")
     return Config(peers=tuple(peers), destinations=tuple(dests), source=source, web=web, **sections)
+
+
+def _modalities(i: int, value: Any) -> tuple[str, ...]:
+    """``modalities = ["CT", "CR"]`` of a destination: its routing rule."""
+    if not isinstance(value, list) or not all(isinstance(m, str) and m.strip() for m in value):
+        raise ConfigError(f"[[destinations]] #{i + 1} modalities must be a list of modality codes")
+    return tuple(m.strip().upper() for m in value)
 
 
 def _destination_tls(i: int, d: Mapping[str, Any], base: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +31,9 @@ class NodeStatus:
     exports: dict[str, int] = field(default_factory=dict)
     dead_exports: list[dict[str, Any]] = field(default_factory=list)
     last_errors: list[dict[str, str]] = field(default_factory=list)
+    #: From the node's heartbeat (pid file): seconds since it was written, GPU memory if on CUDA.
+    heartbeat_age_seconds: float | None = None
+    gpu: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -58,8 +62,10 @@ def collect(config: Config, db: Database, errors: int = 5) -> NodeStatus:
     from .node import PID_FILE
 
     pid = None
+    beat: dict[str, Any] = {}
     try:
-        pid = int(json.loads((config.var_dir / PID_FILE).read_text())["pid"])
+        beat = json.loads((config.var_dir / PID_FILE).read_text())
+        pid = int(beat["pid"])
     except (FileNotFoundError, ValueError, KeyError):
         pass
     running = pid is not None and _pid_alive(pid)
@@ -83,7 +89,10 @@ def collect(config: Config, db: Database, errors: int = 5) -> NodeStatus:
     return NodeStatus(running=running, pid=pid if running else None, ae_title=n.ae_title, host=n.host,
                       port=n.port, port_open=_port_open(n.host, n.port) if running else False,
                       instances=instances, series_receiving=receiving, analysis=analysis, exports=exports,
-                      dead_exports=dead, last_errors=last)
+                      dead_exports=dead, last_errors=last,
+                      heartbeat_age_seconds=round(time.time() - float(beat["heartbeat"]), 1)
+                      if running and "heartbeat" in beat else None,
+                      gpu={k: v for k, v in beat.items() if k.startswith("gpu_")} if running else {})
 
 
 def render(st: NodeStatus) -> str:
@@ -92,6 +101,14 @@ def render(st: NodeStatus) -> str:
              f"index     {st.instances} instances, {st.series_receiving} series receiving",
              "analysis  " + ", ".join(f"{k} {v}" for k, v in st.analysis.items()),
              "exports   " + ", ".join(f"{k} {v}" for k, v in st.exports.items())]
+    if st.gpu:
+        gib = 1024 ** 3
+        lines.append(f"gpu       {st.gpu.get('gpu_device', '?')}: "
+                     f"{st.gpu.get('gpu_memory_allocated_bytes', 0) / gib:.1f} GiB allocated, "
+                     f"{st.gpu.get('gpu_memory_reserved_bytes', 0) / gib:.1f} GiB reserved of "
+                     f"{st.gpu.get('gpu_memory_total_bytes', 0) / gib:.1f} GiB")
+    elif st.running:
+        lines.append("gpu       not in use (CPU)")
     for d in st.dead_exports:
         lines.append(f"  dead export {d['id']} -> {d['destination']} after {d['attempts']} attempts: {d['error']}")
     if st.dead_exports:

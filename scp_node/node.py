@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,17 @@ from .store.ingest import Ingestor
 log = logging.getLogger(__name__)
 
 PID_FILE = "scp-node.pid"
+
+
+def _gpu_memory() -> dict[str, Any]:
+    """GPU memory of this process (allocated / reserved by torch), when CUDA is in use."""
+    torch = sys.modules.get("torch")  # never import torch just to report on it
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"gpu_device": torch.cuda.get_device_name(0),
+            "gpu_memory_allocated_bytes": int(torch.cuda.memory_allocated()),
+            "gpu_memory_reserved_bytes": int(torch.cuda.memory_reserved()),
+            "gpu_memory_total_bytes": int(torch.cuda.get_device_properties(0).total_memory)}
 
 
 class StartupError(RuntimeError):
@@ -225,6 +238,8 @@ class Node:
         self.scheduler.add_job(completion.run_once, id="series-completion", **common)
         self.scheduler.add_job(self._drain, args=[analysis_q.run_once, self._stopped], id="analysis", **common)
         self.scheduler.add_job(self._drain, args=[export_q.run_once, self._stopped], id="export", **common)
+        self.scheduler.add_job(self._write_pid, trigger="interval", seconds=5, id="heartbeat", max_instances=1,
+                               coalesce=True)
         self.scheduler.start()
         self._write_pid()
         ident = self._engine.identity
@@ -265,10 +280,16 @@ class Node:
         return self.config.var_dir / PID_FILE
 
     def _write_pid(self) -> None:
+        """The pid file doubles as a heartbeat: what `scp-node status` cannot read from the DB
+        (the process's GPU memory) is refreshed here every few seconds."""
         c = self.config.node
+        info: dict[str, Any] = {"pid": os.getpid(), "host": c.host, "port": c.port, "ae_title": c.ae_title,
+                                "heartbeat": time.time()}
+        info.update(_gpu_memory())
         self.pid_path.parent.mkdir(parents=True, exist_ok=True)
-        self.pid_path.write_text(json.dumps({"pid": os.getpid(), "host": c.host, "port": c.port,
-                                             "ae_title": c.ae_title}))
+        tmp = self.pid_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.pid_path)
 
     def _remove_pid(self) -> None:
         try:

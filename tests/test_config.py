@@ -305,3 +305,18 @@ def test_from_mapping_does_not_mutate_its_input(tmp_path: Path) -> None:
     data = {"node": {"port": 1234}}
     from_mapping(data, tmp_path, environ={"SCP_NODE__NODE__HOST": "h"})
     assert data == {"node": {"port": 1234}}
+
+
+def test_destination_modalities_routing_rule(tmp_path: Path) -> None:
+    from scp_node.config import load as load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text('[[destinations]]\nname = "ct"\nae_title = "CTPACS"\nhost = "127.0.0.1"\nport = 104\n'
+                    'modalities = ["ct", "MR"]\n\n[[destinations]]\nname = "all"\nae_title = "PACS"\n'
+                    'host = "127.0.0.1"\nport = 104\n')
+    ct, every = load_config(path, environ={}).destinations
+    assert ct.modalities == ("CT", "MR") and ct.wants("CT") and not ct.wants("CR")
+    assert every.modalities == () and every.wants("CR")
+    path.write_text('[[destinations]]\nname = "x"\nae_title = "P"\nhost = "h"\nport = 1\nmodalities = "CT"\n')
+    with pytest.raises(ConfigError, match="modalities"):
+        load_config(path, environ={})

@@ -8,6 +8,8 @@ by a stop: :func:`requeue_interrupted` puts them back to PENDING so each runs ag
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -203,9 +205,13 @@ class AnalysisQueue:
                             series_instance_uid=str(sr.SeriesInstanceUID),
                             study_instance_uid=str(sr.StudyInstanceUID), path=rel.as_posix(),
                             model_name=result.model.name[:128], is_test_model=result.model.is_test_model,
-                            findings_text=result.findings_text)
+                            findings_text=result.findings_text,
+                            structured_json=json.dumps(dataclasses.asdict(result.structured), ensure_ascii=False)
+                            if result.structured is not None else "",
+                            triage=result.structured.triage if result.structured is not None else "")
             session.add(report)
-            for dest in self.destinations:
+            routed = [d for d in self.destinations if d.wants(result.modality)]
+            for dest in routed:
                 session.add(ExportJob(report=report, destination=dest.name, state=ExportState.PENDING))
             job.state = JobState.DONE
             job.error = ""
@@ -216,7 +222,7 @@ class AnalysisQueue:
                                   + (" (TEST MODEL)" if result.model.is_test_model else ""), **ids)
             self.audit.add(session, Event.SR_CREATED, sop_uid=str(sr.SOPInstanceUID),
                            detail=f"SR series {sr.SeriesInstanceUID}; exports queued: "
-                                  + (", ".join(d.name for d in self.destinations) or "none"),
+                                  + (", ".join(d.name for d in routed) or "none (no destination routes this modality)"),
                            study_uid=ids["study_uid"], series_uid=ids["series_uid"], patient_id=ids["patient_id"])
 
 

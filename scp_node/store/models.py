@@ -165,6 +165,9 @@ class Report(Base):
     model_name: Mapped[str] = mapped_column(String(128))
     is_test_model: Mapped[bool] = mapped_column(default=False)
     findings_text: Mapped[str] = mapped_column(Text, default="")
+    #: The parsed structured answer as JSON (findings, impression, triage...); empty when unparsed.
+    structured_json: Mapped[str] = mapped_column(Text, default="")
+    triage: Mapped[str] = mapped_column(String(16), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     job: Mapped[AnalysisJob] = relationship()
 

@@ -56,6 +56,8 @@ def test_demo_config_creates_the_test_model_and_status_reports(tmp_path: Path) -
         assert r.returncode == 0, r.stdout + r.stderr
         st = json.loads(r.stdout)
         assert st["running"] and st["port"] == port and st["port_open"]
+        assert st["heartbeat_age_seconds"] is not None and st["heartbeat_age_seconds"] < 30
+        assert st["gpu"] == {}  # CPU here: no GPU memory to report
         assert set(st["analysis"]) >= {"pending", "running", "done", "failed"}
     finally:
         assert node.stop() == 0

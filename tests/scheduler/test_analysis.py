@@ -234,3 +234,19 @@ def test_whole_path_audit_has_no_clear_patient_id(index_db: Database, audit_trai
     assert not [c for c in cells if CT_PATIENT_ID in c]
     hashed = {e.patient_hash for e in events(index_db) if e.event.startswith(("analysis", "sr", "series"))}
     assert hashed == {audit_trail.patient_hash(CT_PATIENT_ID)}
+
+
+def test_routing_rule_sends_only_to_destinations_that_want_the_modality(
+        index_db: Database, audit_trail: AuditTrail, storage_dir: Path, complete_series: None) -> None:
+    from scp_node.config import Destination
+
+    dests = (Destination("ct-reading", "CTPACS", "127.0.0.1", 104, modalities=("CT",)),
+             Destination("cxr-only", "CRPACS", "127.0.0.1", 104, modalities=("CR", "DX")),
+             Destination("archive", "ARCH", "127.0.0.1", 104))
+    queue = make_queue(index_db, audit_trail, storage_dir, FakeEngine(), destinations=dests)
+    assert queue.run_once() is True
+    with index_db.session() as s:
+        assert sorted(e.destination for e in s.scalars(select(ExportJob))) == ["archive", "ct-reading"]
+        report = s.scalars(select(Report)).one()
+        assert report.structured_json == ""  # the fake engine gives free text only
+    assert "ct-reading, archive" in events(index_db, Event.SR_CREATED)[0].detail
