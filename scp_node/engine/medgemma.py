@@ -37,6 +37,7 @@ from .preprocess import (
     prepare_series,
 )
 from .answer import parse_answer, render_text
+from .batching import _groups, _Job
 from .prompts import PromptProfile, build_messages, merged_profiles, profile_for_modality, validate_profiles
 from .result import AnalysisResult, ModelIdentity
 from .schema import LANGUAGES, SchemaBounds, findings_schema, max_answer_tokens, schema_json
@@ -491,33 +492,6 @@ class MedGemmaEngine:
             parse_error=error,
             language=job.language,
         )
-
-
-@dataclass
-class _Job:
-    """One series of a batch between preprocessing and generation."""
-
-    index: int
-    prepared: PreparedSeries
-    profile: PromptProfile
-    language: str
-    messages: list[dict[str, Any]]
-    schema: str | None
-    prepare_seconds: float
-
-
-def _groups(jobs: list[_Job], max_batch: int) -> list[list[_Job]]:
-    """Batches of at most ``max_batch`` jobs of similar size (image count), so that padding a
-    one-image X-ray to an 85-slice CT prompt does not waste a batch row's compute."""
-    ordered = sorted(jobs, key=lambda j: len(j.prepared.images))
-    groups: list[list[_Job]] = []
-    for job in ordered:
-        n = len(job.prepared.images)
-        if groups and len(groups[-1]) < max_batch and n <= 2 * len(groups[-1][0].prepared.images):
-            groups[-1].append(job)
-        else:
-            groups.append([job])
-    return groups
 
 
 def _has_accelerate() -> bool:

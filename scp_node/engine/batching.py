@@ -1,0 +1,38 @@
+"""Batching for :class:`~scp_node.engine.medgemma.MedGemmaEngine`: the per-series job between
+preprocessing and generation, and how jobs are grouped into generate calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .preprocess import PreparedSeries
+from .prompts import PromptProfile
+
+
+@dataclass
+class _Job:
+    """One series of a batch between preprocessing and generation."""
+
+    index: int
+    prepared: PreparedSeries
+    profile: PromptProfile
+    language: str
+    messages: list[dict[str, Any]]
+    schema: str | None
+    prepare_seconds: float
+
+
+def _groups(jobs: list[_Job], max_batch: int) -> list[list[_Job]]:
+    """Batches of at most ``max_batch`` jobs of similar size (image count), so that padding a
+    one-image X-ray to an 85-slice CT prompt does not waste a batch row's compute."""
+    ordered = sorted(jobs, key=lambda j: len(j.prepared.images))
+    groups: list[list[_Job]] = []
+    for job in ordered:
+        n = len(job.prepared.images)
+        if groups and len(groups[-1]) < max_batch and n <= 2 * len(groups[-1][0].prepared.images):
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
