@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--only", default="scp_node,orthanc,storescp")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder")
+    ap.add_argument("--profile", type=Path, help="py-spy (collapsed stacks) of scp_node while it receives")
     args = ap.parse_args()
     targets = args.only.split(",")
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
@@ -136,7 +137,19 @@ def main() -> None:
             config = write_config(folder, model_dir=model, port=port, stable_seconds=36000,
                                   peers=[("STORESCU", "127.0.0.1")])
             node = start_node(config, port, timeout=300)
-            return port, "SCPNODE", lambda: node.stop(), node.proc.pid
+            spy = None
+            if args.profile:
+                spy = subprocess.Popen(["py-spy", "record", "-p", str(node.proc.pid), "-r", "250", "--threads",
+                                        "--format", "raw", "-o", str(args.profile), "--nonblocking"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
+
+            def stop() -> None:
+                if spy is not None:
+                    spy.send_signal(2)
+                    spy.wait(timeout=60)
+                node.stop()
+            return port, "SCPNODE", stop, node.proc.pid
 
         def orthanc() -> tuple[int, str, Callable[[], None], int | None]:
             o = start_orthanc(work / "orthanc", {})

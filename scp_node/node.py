@@ -218,10 +218,13 @@ class Node:
         self._engine = self._load_engine()
         completion, analysis_q, export_q = self._queues()
         try:
-            from .tls import TLSConfigError, server_context
+            from .tls import TLSConfigError, defer_handshakes, server_context
 
+            tls = server_context(c.node)
             self._server = self.ae.start_server((c.node.host, c.node.port), block=False,
-                                                evt_handlers=self._handlers(), ssl_context=server_context(c.node))
+                                                evt_handlers=self._handlers(), ssl_context=tls)
+            if tls is not None:
+                defer_handshakes(self._server, tls)
         except TLSConfigError as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
@@ -268,10 +271,16 @@ class Node:
         """Let open associations end (a store in flight is answered), then abort what is left."""
         import time
 
+        def open_ones() -> list[Any]:
+            # A connection that already closed (a port probe) keeps its thread until the ACSE
+            # timeout; it has nothing to finish (state Sta1), so it is not waited for.
+            return [a for a in self.ae.active_associations
+                    if a.is_alive() and a.dul.state_machine.current_state != "Sta1"]
+
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(a.is_alive() for a in self.ae.active_associations):
+        while time.monotonic() < deadline and open_ones():
             time.sleep(0.1)
-        for assoc in self.ae.active_associations:
+        for assoc in open_ones():
             log.warning("aborting an association still open at stop")
             assoc.abort()
 

@@ -8,7 +8,9 @@ side (export) verifies the destination against its CA.  TLS 1.2 is the floor, as
 
 from __future__ import annotations
 
+import socket
 import ssl
+from typing import Any
 
 from .config import Destination, NodeConfig
 
@@ -51,3 +53,19 @@ def client_context(dest: Destination) -> ssl.SSLContext | None:
     if dest.tls_cert:
         ctx.load_cert_chain(dest.tls_cert, dest.tls_key)
     return ctx
+
+
+def defer_handshakes(server: Any, ctx: ssl.SSLContext) -> None:
+    """Move the TLS handshake from pynetdicom's accept loop into each association's own thread.
+
+    pynetdicom wraps an accepted socket with the handshake done at once, in the one thread that
+    accepts every connection: a caller that connects and never sends a ClientHello would stall
+    every other caller.  With ``do_handshake_on_connect=False`` the handshake happens on the
+    association thread's first read, under the same network timeout as any other read; a
+    failure there is audited by the connection guard (:mod:`scp_node.handlers.association`).
+    """
+    def get_request() -> tuple[socket.socket, Any]:
+        client, address = server.socket.accept()
+        return ctx.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
+
+    server.get_request = get_request

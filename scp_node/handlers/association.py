@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -171,7 +172,9 @@ class _PDULengthGuard:
     """
 
     def __init__(self, recv: Callable[[int], bytearray], raw_socket: Any, max_pdata: int,
-                 on_violation: Callable[[int, int, int], None]) -> None:
+                 on_violation: Callable[[int, int, int], None],
+                 on_tls_failure: Callable[[BaseException], None] | None = None) -> None:
+        self._on_tls_failure = on_tls_failure
         self._recv = recv
         self._raw = raw_socket
         self._max_pdata = max_pdata
@@ -190,12 +193,39 @@ class _PDULengthGuard:
                     pass
                 self._on_violation(pdu_type, nr_bytes, limit)
                 raise ConnectionAbortedError(f"PDU of {nr_bytes} bytes exceeds the limit of {limit}")
-        data = self._recv(nr_bytes)
+            return self._read_body(nr_bytes)
+        try:
+            data = self._recv(nr_bytes)
+        except ssl.SSLError as exc:
+            # The first read of a TLS connection runs the handshake (see scp_node.tls): a plain
+            # connection, an unknown or self-signed client certificate, anonymous TLS end here.
+            if self._on_tls_failure is not None:
+                self._on_tls_failure(exc)
+                self._on_tls_failure = None
+            raise
         if data:
             self.received_any = True
         if nr_bytes == 6 and len(data) == 6:
             self._body_of = data[0]
         return data
+
+
+    def _read_body(self, nr_bytes: int) -> bytearray:
+        """Read a PDU body straight into one buffer (``recv_into``), as pynetdicom's ``recv`` would
+        in 4 KiB steps: the same result (short only if the peer closed), a fraction of the calls."""
+        buf = bytearray(nr_bytes)
+        got = 0
+        with memoryview(buf) as view:
+            while got < nr_bytes:
+                n = self._raw.recv_into(view[got:])
+                if not n:
+                    break
+                got += n
+        if got:
+            self.received_any = True
+        if got < nr_bytes:
+            del buf[got:]
+        return buf
 
 
 def handle_conn_open(event: evt.Event, max_pdu_size: int, audit: AuditTrail) -> None:
@@ -215,6 +245,13 @@ def handle_conn_open(event: evt.Event, max_pdu_size: int, audit: AuditTrail) -> 
                      detail=f"PDU type 0x{pdu_type:02X} declares {length} bytes, over our limit of {limit}; "
                             "A-ABORT sent without reading it")
 
-    guard = _PDULengthGuard(sock.recv, sock.socket, max_pdu_size, violation)
+    def tls_failure(exc: BaseException) -> None:
+        setattr(assoc, _AUDITED, True)
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        log.warning("TLS handshake with %s failed: %s", address, reason)
+        audit.record(Event.ASSOCIATION_REJECTED, outcome="failure", peer=address,
+                     detail=f"TLS handshake failed: {reason}")
+
+    guard = _PDULengthGuard(sock.recv, sock.socket, max_pdu_size, violation, tls_failure)
     sock.recv = guard  # type: ignore[method-assign]
     assoc.bind(evt.EVT_CONN_CLOSE, _handle_conn_close, [address, guard, audit])

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from ..audit import AuditTrail, Event
 from .db import Database
 from .files import UnsafeUID, check_uid, instance_path, remove_quietly, sha256_hex, write_durably
+from .files import _fsync_dir as fsync_dir
 from .integrity import IncompleteDataset, check_complete, check_complete_file
 from .models import Instance, Patient, Report, Series, SeriesState, Study, utcnow
 
@@ -101,8 +102,7 @@ def parse_header(data: bytes) -> Dataset:
 def parse_header_file(path: Path) -> Dataset:
     """:func:`parse_header` for a spooled file: large values are skipped, never loaded."""
     try:
-        check_complete_file(path)
-        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=65536)
+        ds = check_complete_file(path)  # one parse: large values deferred, the rest stays raw until read
         for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
             ds.get(kw)
     except IncompleteDataset as exc:
@@ -124,14 +124,30 @@ def _sha256_file(path: Path) -> str:
 
 
 def _copy_durably(src: Path, path: Path) -> None:
-    """:func:`write_durably` for a file: copy in blocks to a tmp name, fsync, rename, fsync the folder."""
+    """:func:`write_durably` for a spooled file: to a tmp name, fsync, rename, fsync the folder.
+
+    On the same file system the spool file is hard-linked (no second copy of the bytes, the
+    receive path's biggest saving); across file systems it is copied in blocks.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, _BLOCK)
-            fout.flush()
-            os.fsync(fout.fileno())
+        try:
+            os.link(src, tmp)
+            linked = True
+        except OSError:
+            linked = False
+        if linked:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, _BLOCK)
+                fout.flush()
+                os.fsync(fout.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -141,6 +157,14 @@ def _copy_durably(src: Path, path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    """Remove a file this store made; never raises (it runs in ``finally``, on a failing disk too)."""
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 @dataclass
@@ -239,87 +263,101 @@ class Ingestor:
 
     def _keep(self, ds: Dataset, data: bytes | Path, digest: str, rel: Path, origin: Origin, sop_uid: str,
               sop_class: str, study_uid: str, series_uid: str) -> IngestOutcome:
+        """Stage the file durably, then decide and index in one transaction.
+
+        One write-locked transaction per instance (not a read one then a write one): the SQLite
+        write lock is the point every association queues on.  A new instance gets its final
+        name (and the folder its fsync) before the commit; a crash in between leaves a file the
+        index does not know, which :meth:`recover` removes at the next start.  A replacement
+        (policy ``replace``) overwrites the old file only after the commit.
+        """
         path = self.storage_dir / rel
         patient_id = _text(ds, "PatientID", 64)
         audit_ids = dict(ae_title=origin.ae_title, peer=origin.address, study_uid=study_uid,
                          series_uid=series_uid, sop_uid=sop_uid, patient_id=patient_id)
-        try:
-            with self.db.session() as session:
-                existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).first()
-                old_rel = existing.path if existing is not None else None
-                if existing is not None:
-                    if existing.sha256 == digest:
-                        self.audit.add(session, Event.INSTANCE_DUPLICATE, detail="identical bytes; ignored",
-                                       **audit_ids)
-                        return IngestOutcome.DUPLICATE_IDENTICAL
-                    if self.duplicate_policy == "keep_first":
-                        self.audit.add(session, Event.INSTANCE_DUPLICATE, outcome="warning",
-                                       detail="different bytes; first copy kept (policy keep_first)", **audit_ids)
-                        return IngestOutcome.DUPLICATE_KEPT_FIRST
-        except SQLAlchemyError as exc:
-            # The index cannot be read or written: the sender must keep its copy and resend.
-            raise StorageFailure(f"index read failed: {type(exc).__name__}") from None
-        # New instance (or a replacement): write first, then index; remove the file if indexing fails.
-        tmp_for_replace = path.with_name(path.name + ".new") if path.exists() else None
-        target = tmp_for_replace or path
+        size = data.stat().st_size if isinstance(data, Path) else len(data)
+        staged = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             if isinstance(data, Path):
-                _copy_durably(data, target)
+                _copy_durably(data, staged)
             else:
-                write_durably(target, data)
+                write_durably(staged, data)
         except OSError as exc:
+            _discard(staged)
             raise StorageFailure(f"cannot write file: {exc.strerror or exc}") from None
+        placed = False  # the staged file was renamed to its final name
         committed = False
         try:
-            outcome = self._index(ds, data, digest, rel, origin, sop_uid, sop_class, study_uid, series_uid,
-                                  audit_ids)
-            if tmp_for_replace is not None:
-                tmp_for_replace.replace(path)
-            committed = True
-            if old_rel is not None and old_rel != rel.as_posix():
-                # The replaced copy lived under other study/series UIDs: nothing refers to it now.
-                remove_quietly(self.storage_dir / old_rel)
+            for attempt in range(3):
+                try:
+                    with self.db.session() as session:
+                        outcome, old_rel = self._decide_and_index(session, ds, digest, rel, size, origin, sop_uid,
+                                                                  sop_class, study_uid, series_uid, audit_ids)
+                        if outcome is IngestOutcome.STORED:
+                            os.replace(staged, path)
+                            placed = True
+                            fsync_dir(path.parent)
+                    committed = True
+                    break
+                except IntegrityError:
+                    # Another association created the same patient/study/series row first: retry.
+                    if placed:
+                        os.replace(path, staged)
+                        placed = False
+                    if attempt == 2:
+                        raise
+            if outcome is IngestOutcome.REPLACED:
+                os.replace(staged, path)
+                fsync_dir(path.parent)
+                if old_rel is not None and old_rel != rel.as_posix():
+                    # The replaced copy lived under other study/series UIDs: nothing refers to it now.
+                    remove_quietly(self.storage_dir / old_rel)
             return outcome
         except SQLAlchemyError as exc:
             raise StorageFailure(f"index write failed: {type(exc).__name__}") from None
+        except OSError as exc:
+            raise StorageFailure(f"cannot place file: {exc.strerror or exc}") from None
         finally:
-            if not committed:
-                remove_quietly(target)
+            _discard(staged)  # a duplicate's bytes, or whatever a failure left
+            if placed and not committed:
+                _discard(path)
 
-    def _index(self, ds: Dataset, data: bytes | Path, digest: str, rel: Path, origin: Origin, sop_uid: str,
-               sop_class: str, study_uid: str, series_uid: str, audit_ids: dict[str, str]) -> IngestOutcome:
-        size = data.stat().st_size if isinstance(data, Path) else len(data)
-        for attempt in range(3):
-            try:
-                with self.db.session() as session:
-                    series = self._series(session, ds, study_uid, series_uid)
-                    existing = session.scalars(
-                        select(Instance).where(Instance.sop_instance_uid == sop_uid)).first()
-                    outcome = IngestOutcome.REPLACED if existing is not None else IngestOutcome.STORED
-                    inst = existing or Instance(sop_instance_uid=sop_uid)
-                    inst.sop_class_uid = sop_class
-                    inst.series = series
-                    inst.instance_number = _int_or_none(ds, "InstanceNumber")
-                    inst.transfer_syntax_uid = str(ds.file_meta.get("TransferSyntaxUID", ""))[:64]
-                    inst.path = rel.as_posix()
-                    inst.size = size
-                    inst.sha256 = digest
-                    inst.received_at = utcnow()
-                    inst.calling_ae_title = origin.ae_title[:16]
-                    inst.peer_address = origin.address[:64]
-                    inst.series_version = series.version
-                    session.add(inst)
-                    event = Event.INSTANCE_STORED
-                    detail = f"{size} bytes via {origin.via}"
-                    if outcome is IngestOutcome.REPLACED:
-                        detail += "; replaced a different copy (policy replace)"
-                    self.audit.add(session, event, detail=detail, **audit_ids)
-                return outcome
-            except IntegrityError:
-                # Another association created the same patient/study/series row first: retry.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+    def _decide_and_index(self, session: Session, ds: Dataset, digest: str, rel: Path, size: int, origin: Origin,
+                          sop_uid: str, sop_class: str, study_uid: str, series_uid: str,
+                          audit_ids: dict[str, str]) -> tuple[IngestOutcome, str | None]:
+        """Inside the transaction: a duplicate is audited (the duplicate policy decides), anything
+        else gets its index rows and an audit row.  Returns the outcome and the replaced copy's path."""
+        existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).first()
+        old_rel = existing.path if existing is not None else None
+        if existing is not None:
+            if existing.sha256 == digest:
+                self.audit.add(session, Event.INSTANCE_DUPLICATE, detail="identical bytes; ignored", **audit_ids)
+                return IngestOutcome.DUPLICATE_IDENTICAL, None
+            if self.duplicate_policy == "keep_first":
+                self.audit.add(session, Event.INSTANCE_DUPLICATE, outcome="warning",
+                               detail="different bytes; first copy kept (policy keep_first)", **audit_ids)
+                return IngestOutcome.DUPLICATE_KEPT_FIRST, None
+        series = self._series(session, ds, study_uid, series_uid)
+        outcome = IngestOutcome.REPLACED if existing is not None else IngestOutcome.STORED
+        inst = existing or Instance(sop_instance_uid=sop_uid)
+        inst.sop_class_uid = sop_class
+        inst.series = series
+        inst.instance_number = _int_or_none(ds, "InstanceNumber")
+        inst.transfer_syntax_uid = str(ds.file_meta.get("TransferSyntaxUID", ""))[:64]
+        inst.path = rel.as_posix()
+        inst.size = size
+        inst.sha256 = digest
+        inst.received_at = utcnow()
+        inst.calling_ae_title = origin.ae_title[:16]
+        inst.peer_address = origin.address[:64]
+        inst.series_version = series.version
+        session.add(inst)
+        detail = f"{size} bytes via {origin.via}"
+        if outcome is IngestOutcome.REPLACED:
+            detail += "; replaced a different copy (policy replace)"
+        self.audit.add(session, Event.INSTANCE_STORED, detail=detail, **audit_ids)
+        session.flush()  # constraint errors surface here, before the file gets its final name
+        return outcome, old_rel
 
     def _series(self, session: Session, ds: Dataset, study_uid: str, series_uid: str) -> Series:
         series = session.scalars(select(Series).where(Series.series_instance_uid == series_uid)).first()

@@ -55,11 +55,12 @@ def check_complete(data: bytes) -> Dataset:
     return ds
 
 
-def check_complete_file(path: Path) -> None:
+def check_complete_file(path: Path) -> Dataset:
     """:func:`check_complete` for a file on disk, without loading large values into memory.
 
     Values over 64 KiB are deferred (pydicom records where they start and seeks past them); such a
-    value is whole only if the file reaches its declared end.
+    value is whole only if the file reaches its declared end.  Returns the parsed dataset (raw
+    elements, large values deferred) so the caller needs no second parse.
     """
     size = path.stat().st_size
     with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
@@ -86,6 +87,7 @@ def check_complete_file(path: Path) -> None:
             fh.seek(max(0, size - 8))
             if not fh.read(8).endswith(_DELIMITERS):
                 raise IncompleteDataset("the last element has no sequence delimiter (truncated)")
+    return ds
 
 
 _DELIMITERS = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")

@@ -10,6 +10,7 @@ answered cleanly.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import struct
@@ -61,11 +62,16 @@ def _folder(node: NodeProcess) -> Path:
     return node.config.parent
 
 
-def _part10(body: bytes, out: Path, sop_class: str = CTImageStorage, syntax: str = ExplicitVRLittleEndian) -> Path:
-    """Preamble + file meta naming ``sop_class``/``syntax`` + ``body`` exactly as given (any bytes)."""
+def _part10(body: bytes, out: Path, sop_class: str = CTImageStorage, syntax: str = ExplicitVRLittleEndian,
+            sop_instance: str = "") -> Path:
+    """Preamble + file meta naming ``sop_class``/``syntax`` + ``body`` exactly as given (any bytes).
+
+    The meta's SOP Instance UID becomes the C-STORE's Affected SOP Instance UID: the dataset's own
+    one where it has a usable one, so the file itself is judged, not a command/dataset mismatch.
+    """
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = sop_instance or generate_uid()
     meta.TransferSyntaxUID = syntax
     fh = BytesIO()
     fh.write(b"\x00" * 128 + b"DICM")
@@ -74,8 +80,9 @@ def _part10(body: bytes, out: Path, sop_class: str = CTImageStorage, syntax: str
     return out
 
 
-def _body_of(path: Path) -> tuple[bytes, str, str]:
-    """(dataset bytes after any file meta, its transfer syntax (guessed when missing), its SOP class)."""
+def _body_of(path: Path) -> tuple[bytes, str, str, str]:
+    """(dataset bytes after any file meta, its transfer syntax (guessed when missing), its SOP class,
+    its SOP Instance UID or "")."""
     raw = path.read_bytes()
     with open(path, "rb") as fh:
         try:
@@ -86,10 +93,14 @@ def _body_of(path: Path) -> tuple[bytes, str, str]:
             meta, offset = FileMetaDataset(), 0
     syntax = str(meta.get("TransferSyntaxUID", ImplicitVRLittleEndian if offset == 0 else ExplicitVRLittleEndian))
     try:
-        sop_class = str(pydicom.dcmread(path, force=True, stop_before_pixels=True).get("SOPClassUID") or CTImageStorage)
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        sop_class = str(ds.get("SOPClassUID") or CTImageStorage)
+        sop_instance = str(ds.get("SOPInstanceUID") or "")
     except Exception:  # noqa: BLE001
-        sop_class = CTImageStorage
-    return raw[offset:], syntax, sop_class
+        sop_class, sop_instance = CTImageStorage, ""
+    if not re.fullmatch(r"[0-9.]{1,64}", sop_instance):
+        sop_instance = ""
+    return raw[offset:], syntax, sop_class, sop_instance
 
 
 def _send(port: int, path: Path) -> int:
@@ -159,8 +170,9 @@ def _check_status_case(node: NodeProcess, tmp: Path, what: str, path: Path, tall
 def test_malformed_files_and_datasets(node: NodeProcess, tmp_path: Path, counts: dict) -> None:
     tally: dict = {"tried": 0, "clean": 0, "statuses": {}}
     for name in PYDICOM_FILES:
-        body, syntax, sop_class = _body_of(Path(get_testdata_file(name)))
-        _check_status_case(node, tmp_path, name, _part10(body, tmp_path / name, sop_class, syntax), tally)
+        body, syntax, sop_class, sop_instance = _body_of(Path(get_testdata_file(name)))
+        _check_status_case(node, tmp_path, name, _part10(body, tmp_path / name, sop_class, syntax, sop_instance),
+                           tally)
     cases = {
         "non-DICOM payload": (_part10(b"this is not a DICOM dataset " * 64, tmp_path / "junk.dcm"), {0xC000}),
         "random bytes as dataset": (_part10(os.urandom(8192), tmp_path / "rand.dcm"), {0xC000}),

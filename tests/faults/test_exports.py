@@ -66,7 +66,8 @@ def test_pacs_down_backoff_restart_dead_letter_and_retry(tmp_path: Path, orthanc
         assert node.stop() == 0, node.output()[-3000:]
         proxy.close()
     srs = orthanc_sr_instances(orthanc)
-    counts.update(attempts_before_dead=ATTEMPTS, export_failed_rows=count_event(folder, "export.failed"),
+    counts.update(backoff_initial_s=0.5, backoff_ceiling_s=CEILING, attempts_before_dead=ATTEMPTS,
+                  export_failed_rows=count_event(folder, "export.failed"),
                   export_dead_rows=count_event(folder, "export.dead"), backoff_delays_s=delays,
                   exports_expected=1, sr_in_orthanc_after_retry=srs, connections_seen_by_pacs=proxy.connections)
     assert srs == 1 and count_event(folder, "export.ok") == 1

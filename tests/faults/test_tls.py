@@ -76,7 +76,13 @@ def test_tls_scp_accepts_only_ca_signed_clients_and_exports_over_tls(tmp_path: P
 
     try:
         wait_port(pacs_port, timeout=30)
+        # A caller that connects and says nothing must not hold up the others (handshakes run
+        # in each association's thread, not in the accept loop).
+        import socket
+
+        silent = socket.create_connection(("127.0.0.1", node_port))
         ok = echo(tls_client)
+        silent.close()
         assert ok.returncode == 0, ok.stdout + ok.stderr
         refused = {what: echo(extra) for what, extra in cases.items()}
         for what, r in refused.items():
@@ -92,9 +98,12 @@ def test_tls_scp_accepts_only_ca_signed_clients_and_exports_over_tls(tmp_path: P
         pacs.terminate()
         pacs.wait(timeout=20)
     received = [p for p in pacs_dir.rglob("*") if p.is_file()]
+    tls_rows = [d for _, _, d in events(folder, "association.rejected") if d.startswith("TLS handshake failed")]
     counts.update(accepted_tls_ca_signed=2, refused_tried=len(cases),
                   refused=sum(1 for r in refused.values() if r.returncode != 0),
-                  indexed=instance_counts(folder)[0], sr_received_by_tls_pacs=len(received))
+                  refusals_audited=len(tls_rows), indexed=instance_counts(folder)[0],
+                  sr_received_by_tls_pacs=len(received))
+    assert len(tls_rows) == len(cases), tls_rows
     assert instance_counts(folder) == (1, 1)
     assert len(received) == 1 and received[0].name.startswith("SR")
     assert [d for _, _, d in events(folder, "export.ok") if "tlspacs" in d]
