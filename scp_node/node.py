@@ -8,6 +8,7 @@ safe point, close the database).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -208,10 +209,11 @@ class Node:
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
         c = self.config
+        self._lock_var_dir()
         prepare_model_dir(c)
         c.store.storage_dir.mkdir(parents=True, exist_ok=True)
         self.ingestor.recover()
-        n_jobs = analysis.requeue_interrupted(self.db, self.audit)
+        n_jobs = analysis.requeue_interrupted(self.db, self.audit, c.scheduler.max_analysis_attempts)
         n_exp = exports.requeue_interrupted(self.db, self.audit)
         if n_jobs or n_exp:
             log.info("recovered %d interrupted analysis jobs and %d interrupted exports", n_jobs, n_exp)
@@ -251,8 +253,30 @@ class Node:
                                  + (" (TEST MODEL)" if ident.is_test_model else ""))
         log.info("listening as %s on %s:%d", c.node.ae_title, c.node.host, c.node.port)
 
+    def _lock_var_dir(self) -> None:
+        """One node per storage: a second ``serve`` with the same config must not run the crash
+        recovery (or anything else) beside a live node, so it stops here with a clear message."""
+        var = self.config.var_dir
+        try:
+            var.mkdir(parents=True, exist_ok=True)
+            fh = open(var / "scp-node.lock", "a+")
+        except OSError as exc:
+            raise StartupError(f"cannot use the run-time folder {var}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise StartupError(f"another scp-node is already running with the storage in {var} "
+                               "(lock file scp-node.lock is held); stop it first") from None
+        self._lock_file = fh
+
     def stop(self) -> None:
         """Stop accepting, let the running job reach its end, close everything."""
+        if getattr(self, "_lock_file", None) is None:
+            # start() never got the lock: this process owns nothing to stop (not the pid file,
+            # not the audit's node.stopped row of the node that does hold it).
+            self.db.dispose()
+            return
         self._stopped.set()
         if self._web is not None:
             self._web.stop()
@@ -266,6 +290,8 @@ class Node:
         self.audit.record(Event.NODE_STOPPED, ae_title=self.config.node.ae_title)
         self._remove_pid()
         self.db.dispose()
+        self._lock_file.close()  # releases the flock
+        self._lock_file = None
 
     def _finish_associations(self, grace: float) -> None:
         """Let open associations end (a store in flight is answered), then abort what is left."""

@@ -55,16 +55,30 @@ class _Claim:
     paths: list[Path]
 
 
-def requeue_interrupted(db: Database, audit: AuditTrail) -> int:
-    """Put jobs left RUNNING by a stop back to PENDING; return how many."""
+def requeue_interrupted(db: Database, audit: AuditTrail, max_attempts: int | None = None) -> int:
+    """Put jobs left RUNNING by a stop back to PENDING; return how many were queued again.
+
+    A job that was interrupted on its last allowed attempt is FAILED instead: a series that
+    kills the process (out of memory, a crashing decoder) must not crash-loop the node forever
+    and hold up every series behind it.
+    """
+    requeued = 0
     with db.session() as session:
         jobs = session.scalars(select(AnalysisJob).where(AnalysisJob.state == JobState.RUNNING)).all()
         for job in jobs:
+            ids = dict(series_uid=job.series.series_instance_uid, study_uid=job.series.study.study_instance_uid)
+            if max_attempts is not None and job.attempts >= max_attempts:
+                job.state = JobState.FAILED
+                job.error = f"interrupted {job.attempts} times (the process stopped during the analysis)"
+                job.finished_at = utcnow()
+                audit.add(session, Event.ANALYSIS_FAILED, outcome="failure", detail=f"job {job.id}: {job.error}",
+                          **ids)
+                continue
             job.state = JobState.PENDING
-            audit.add(session, Event.ANALYSIS_REQUEUED, series_uid=job.series.series_instance_uid,
-                      study_uid=job.series.study.study_instance_uid,
-                      detail=f"job {job.id} was interrupted on attempt {job.attempts}; queued again")
-        return len(jobs)
+            requeued += 1
+            audit.add(session, Event.ANALYSIS_REQUEUED,
+                      detail=f"job {job.id} was interrupted on attempt {job.attempts}; queued again", **ids)
+    return requeued
 
 
 class AnalysisQueue:

@@ -184,18 +184,23 @@ class Ingestor:
         self._locks = [threading.Lock() for _ in range(64)]
 
     def recover(self) -> tuple[int, int]:
-        """At start: remove what a crash left half-done; return (tmp files, unindexed files) removed.
+        """At start: clear what a crash left half-done; return (tmp files removed, files quarantined).
 
-        A ``kill -9`` between the write and the commit leaves a temporary file, or a whole file the
-        index never accepted (the sender got no success, so it resends).  The index is the truth:
-        neither is reachable, so both go, as the ``finally`` of the interrupted store would have done.
+        A ``kill -9`` between the write and the commit leaves a temporary file (never reachable:
+        removed), or a whole file the index never accepted (the sender got no success, so it
+        resends).  Such unindexed files are **moved** to ``<storage>/../quarantine``, never
+        deleted: if the index is not the one that belongs to this storage (restored from a backup,
+        a changed ``database_url``), deleting "unknown" files would destroy the archive.  For the
+        same reason nothing is touched when the index is empty but the storage folder is not.
         """
         if not self.storage_dir.exists():
             return 0, 0
         with self.db.session() as session:
             indexed = set(session.scalars(select(Instance.path)).all())
             indexed |= set(session.scalars(select(Report.path)).all())  # the SRs we wrote live here too
-        tmp = orphans = 0
+        quarantine = self.storage_dir.parent / "quarantine"
+        tmp = moved = 0
+        unindexed: list[tuple[Path, str]] = []
         for folder, _dirs, files in os.walk(self.storage_dir):
             for name in files:
                 path = Path(folder) / name
@@ -204,11 +209,19 @@ class Ingestor:
                     remove_quietly(path)
                     tmp += 1
                 elif name.endswith(".dcm") and rel.count("/") == 2 and rel not in indexed:
-                    remove_quietly(path)
-                    orphans += 1
-        if tmp or orphans:
-            log.warning("removed %d temporary and %d unindexed files left by an interrupted store", tmp, orphans)
-        return tmp, orphans
+                    unindexed.append((path, rel))
+        if unindexed and not indexed:
+            log.error("the index is empty but the storage folder holds %d instances: is database_url the "
+                      "index of this storage? Nothing was moved.", len(unindexed))
+            unindexed = []
+        for path, rel in unindexed:
+            target = quarantine / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            moved += 1
+        if tmp or moved:
+            log.warning("removed %d temporary files; moved %d unindexed files to %s", tmp, moved, quarantine)
+        return tmp, moved
 
     def check_free_space(self, incoming: int) -> None:
         """Raise :class:`StorageFailure` if keeping ``incoming`` more bytes would cross the watermark."""

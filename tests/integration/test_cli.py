@@ -89,3 +89,17 @@ def test_audit_tail_follow_prints_new_events_as_they_happen(tmp_path: Path, test
         seen, _ = follower.communicate(timeout=10)
     # Both events were written after the follower had printed the (empty) history.
     assert "node.started" in seen and "node.stopped" in seen, seen
+
+
+def test_a_second_serve_on_the_same_storage_refuses_and_leaves_the_first_alone(
+        tmp_path: Path, test_model_dir: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, model_dir=test_model_dir, port=port)
+    first = start_node(config, port)
+    try:
+        second = cli("serve", "--config", str(config), timeout=120)
+        assert second.returncode == 2 and "already running" in second.stderr, second.stderr
+        st = cli("status", "--config", str(config))
+        assert st.returncode == 0 and "running" in st.stdout  # pid file of the first one still there
+    finally:
+        assert first.stop() == 0

@@ -250,3 +250,16 @@ def test_routing_rule_sends_only_to_destinations_that_want_the_modality(
         report = s.scalars(select(Report)).one()
         assert report.structured_json == ""  # the fake engine gives free text only
     assert "ct-reading, archive" in events(index_db, Event.SR_CREATED)[0].detail
+
+
+def test_a_job_interrupted_on_its_last_attempt_fails_instead_of_crash_looping(
+        index_db: Database, audit_trail: AuditTrail, storage_dir: Path, complete_series: None) -> None:
+    engine = FakeEngine(failures=[Interrupted(), Interrupted(), Interrupted()])
+    queue = make_queue(index_db, audit_trail, storage_dir, engine, max_attempts=3)
+    for _ in range(3):
+        with pytest.raises(Interrupted):
+            queue.run_once()
+        assert requeue_interrupted(index_db, audit_trail, max_attempts=3) == (1 if len(engine.calls) < 3 else 0)
+    job = the_job(index_db)
+    assert job.state is JobState.FAILED and "interrupted 3 times" in job.error
+    assert queue.run_once() is False

@@ -428,3 +428,23 @@ def test_integrity_error_on_the_series_row_is_retried(index_db: Database, storag
     assert (count(index_db, Series), count(index_db, Instance)) == (1, 2)
     assert len(stored_files(storage_dir)) == 2
     assert len(audit_rows(index_db, Event.INSTANCE_STORED)) == 2  # the failed attempt left no row
+
+
+def test_recover_quarantines_unindexed_files_and_never_deletes_them(index_db: Database, storage_dir: Path,
+                                                                    ingestor: Ingestor, tmp_path: Path) -> None:
+    from tests.store.realdata import CT_SLICES, ORIGIN, read_bytes
+
+    for i in range(3):
+        ingestor.ingest(read_bytes(CT_SLICES[i]), ORIGIN)
+    stored = sorted(p for p in storage_dir.rglob("*.dcm"))
+    # An index that does not belong to this storage (empty): nothing is touched.
+    other = Ingestor(Database(f"sqlite:///{tmp_path / 'other.db'}"), storage_dir, ingestor.audit)
+    assert other.recover() == (0, 0)
+    assert sorted(storage_dir.rglob("*.dcm")) == stored
+    # A file the index never accepted (a crash between write and commit) is moved aside, not deleted.
+    stray = stored[0].with_name("1.2.3.4.dcm")
+    stray.write_bytes(b"x")
+    (stored[0].parent / ".x.dcm.abc.tmp").write_bytes(b"partial")
+    assert ingestor.recover() == (1, 1)
+    assert not stray.exists() and sorted(storage_dir.rglob("*.dcm")) == stored
+    assert (storage_dir.parent / "quarantine" / stray.relative_to(storage_dir)).read_bytes() == b"x"
