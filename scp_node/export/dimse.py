@@ -39,7 +39,7 @@ def send_c_store(dest: Destination, path: Path, *, calling_ae_title: str, timeou
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                          tls_args=(ctx, dest.host) if ctx is not None else None)
     if not assoc.is_established:
-        what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "could not be opened"
+        what = ("rejected" if assoc.is_rejected else "failed (unreachable, refused or aborted)")
         raise ExportError(f"association to {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}) {what}")
     try:
         rsp = assoc.send_c_store(ds)
