@@ -7,6 +7,8 @@ conftest can define short names without clashing.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -53,3 +55,38 @@ def ingest_files(ingestor: Ingestor) -> Callable[..., list[Any]]:
         return [ingestor.ingest(read_bytes(p), origin) for p in paths]
 
     return _ingest
+
+
+if TYPE_CHECKING:
+    from tests.support.orthanc import Orthanc
+
+
+# -- real peers: the test model, a free node port, Orthanc (integration and fault suites) --------
+
+
+@pytest.fixture(scope="session")
+def test_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random MedGemma-architecture model, made once through the real CLI command."""
+    from tests.support.node import cli
+
+    folder = tmp_path_factory.mktemp("model") / "test-model"
+    result = cli("make-test-model", str(folder))
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+@pytest.fixture
+def node_port() -> int:
+    from tests.support.net import free_port
+
+    return free_port()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path, node_port: int) -> Iterator["Orthanc"]:
+    """Orthanc knowing the node as modality ``scpnode``."""
+    from tests.support.orthanc import start_orthanc
+
+    pacs = start_orthanc(tmp_path / "orthanc", {"scpnode": ("SCPNODE", "127.0.0.1", node_port)})
+    yield pacs
+    pacs.stop()

@@ -19,7 +19,6 @@ from scp_node.config import WebConfig
 from scp_node.store.db import Database
 from scp_node.store.ingest import Ingestor
 from scp_node.web import WebServer, create_app, token_sha256
-from tests.integration.conftest import test_model_dir  # noqa: F401 - re-exported fixture
 from tests.support.net import free_port
 
 TOKEN = "test-token-5f0c9d"  # a test value, not a secret
