@@ -1,6 +1,6 @@
 // Open a study in OHIF as a radiologist would, open the SR series, and report what is shown.
 // Usage: node drive_ohif.js CONFIG_JSON   (url, studyUID, outDir, chromium, puppeteerDir, label)
-// Prints one JSON line: {ok, annotations, overlay, labels, screenshots, steps, errors}.
+// Prints one JSON line: {ok, annotations, svgText, overlay, body, viewports, screenshots, steps, errors}.
 'use strict';
 const path = require('path');
 const cfg = JSON.parse(process.argv[2]);
@@ -88,10 +88,12 @@ async function waitPainted(page, what) {
     steps.push(`open SR: ${opened}`);
     await sleep(1500);
     await dismissPopups(page, 6);
-    // the SR viewport draws the SCOORD as an SVG annotation
-    try {
-      await page.waitForFunction(() => document.querySelectorAll('svg [data-annotation-uid], svg g[data-annotation-uid]').length > 0, { timeout: 30000 });
-    } catch (e) { errors.push('no SVG annotation within 30 s'); }
+    // the SR viewport draws the SCOORD as an SVG annotation; a late prompt (e.g. "track
+    // measurements?") can hold it back, so keep dismissing pop-ups while waiting (at most 30 s)
+    const drawn = () => page.evaluate(() => document.querySelectorAll('svg [data-annotation-uid], svg g[data-annotation-uid]').length > 0);
+    const until = Date.now() + 30000;
+    while (!(await drawn()) && Date.now() < until) await dismissPopups(page, 1);
+    if (!(await drawn())) errors.push('no SVG annotation within 30 s');
     await waitPainted(page, 'SR image painted');
     await sleep(1000);
     const info = await page.evaluate(() => {
@@ -99,7 +101,24 @@ async function waitPainted(page, what) {
       const svgText = [...document.querySelectorAll('svg text')].map(t => t.textContent).filter(Boolean);
       const overlay = [...document.querySelectorAll('.viewport-overlay, [class*="overlay"]')].map(e => e.innerText).join(' | ').replace(/\s+/g, ' ').slice(0, 2000);
       const body = document.body.innerText.replace(/\s+/g, ' ').slice(0, 4000);
-      return { annotations: [...new Set(annotations)], svgText, overlay, body };
+      // what each cornerstone viewport shows: image index of how many, and its instance number
+      const viewports = [];
+      const cs = window.cornerstone;
+      if (cs && cs.getEnabledElements) {
+        for (const el of cs.getEnabledElements()) {
+          const vp = el.viewport;
+          if (!vp || !vp.getImageIds) continue;
+          const ids = vp.getImageIds();
+          const index = vp.getCurrentImageIdIndex ? vp.getCurrentImageIdIndex() : null;
+          const imageId = index !== null ? ids[index] : null;
+          const general = imageId && cs.metaData ? cs.metaData.get('generalImageModule', imageId) : null;
+          const sop = imageId && cs.metaData ? cs.metaData.get('sopCommonModule', imageId) : null;
+          viewports.push({ id: vp.id, type: vp.type, index, count: ids.length,
+            instanceNumber: general ? general.instanceNumber : null,
+            sopInstanceUID: sop ? sop.sopInstanceUID : null });
+        }
+      }
+      return { annotations: [...new Set(annotations)], svgText, overlay, body, viewports };
     });
     Object.assign(result, info);
     const shot1 = path.join(cfg.outDir, `${cfg.label}-1-sr.png`);

@@ -26,9 +26,9 @@ import pytest
 
 from scp_node.engine.answer import region_for
 from scp_node.engine.preprocess import PadTransform
-from scp_node.engine.result import Finding, StructuredFindings
+from scp_node.engine.result import Finding, ImageRegion, StructuredFindings
 from scp_node.report import ReportingNode, build_measurement_report, write_report
-from tests.report.conftest import CXR_MONO1, _make_result
+from tests.report.conftest import CT_SERIES, CXR_MONO1, _make_result
 
 #: The 440 x 440 CR. (The padded 1955 x 1841 RG1_UNCR never paints in OHIF 3.13: its 7 MB
 #: 15-bit MONOCHROME1 frame request is aborted by the viewer; the SR region itself is valid and
@@ -64,7 +64,7 @@ def tools() -> dict[str, str]:
     _require((DIST / "index.html").is_file(), f"OHIF static build ({DIST})")
     _require((CACHE / "node_modules" / "puppeteer-core").is_dir(), "puppeteer-core")
     _require(Path(DICOMWEB_PLUGIN).exists(), "orthanc-dicomweb")
-    _require(CXR.exists(), "shared test data")
+    _require(CXR.exists() and CT_SERIES.is_dir(), "shared test data")
     return {"chromium": str(chromium), "node": str(node)}
 
 
@@ -107,3 +107,47 @@ def test_cxr_region_in_ohif(tools, tmp_path):
     assert "SR image painted" in shown["steps"], report  # on the referenced image, painted
     # OHIF labels a TID 1410 region with its NUM and finding site (code meanings)
     assert any("Diameter: 42.00 mm" in t and "Lower lobe of lung" in t for t in shown["svgText"]), report
+
+
+#: 20 consecutive slices (instance numbers 60..79, 2.5 mm apart) of the 133-slice LIDC chest CT:
+#: enough of a stack to show that OHIF jumps to the referenced slice, small enough to upload fast.
+CT_FIRST, CT_COUNT, CT_REGION_INDEX = 60, 20, 9
+
+
+def test_ct_region_on_its_slice_in_ohif(tools, tmp_path):
+    headers = {}
+    for path in CT_SERIES.glob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if CT_FIRST <= int(ds.InstanceNumber) < CT_FIRST + CT_COUNT:
+            headers[int(ds.InstanceNumber)] = (path, ds)
+    assert sorted(headers) == list(range(CT_FIRST, CT_FIRST + CT_COUNT))
+    paths = [headers[n][0] for n in sorted(headers)]
+    series = [headers[n][1] for n in sorted(headers)]
+    target = series[CT_REGION_INDEX]
+    result = _make_result(series, "{}", test_model=False)
+    result.structured = StructuredFindings(
+        # around the round opacity in the anterior right lung on that slice (rows, columns in pixels)
+        findings=(Finding("mass", "Mass right middle lobe.", "right middle lobe", 30.0,
+                          ImageRegion(CT_REGION_INDEX, (0, 0, 0, 0), 185.0, 137.0, 245.0, 197.0)),),
+        impression="Right middle lobe mass.", triage="abnormal")
+    sr = write_report(build_measurement_report(series, result, node=_node()), tmp_path / "sr.dcm")
+    orthanc = start_orthanc(tmp_path / "orthanc", {})
+    try:
+        for path in paths:
+            orthanc.upload(path)
+        orthanc.upload(sr)
+        with OhifServer(DIST, orthanc.url, free_port()) as server:
+            shown = _drive(tools, server.origin, str(target.StudyInstanceUID), "ct", tmp_path)
+    finally:
+        orthanc.stop()
+    report = json.dumps(shown, indent=1, ensure_ascii=False)[:4000]
+    assert shown["ok"], report  # the SCOORD rectangle is drawn as an SVG annotation
+    assert "SR image painted" in shown["steps"], report
+    # the SR viewport shows the referenced slice of the 20, not the first one
+    on_target = [v for v in shown["viewports"] if v["sopInstanceUID"] == str(target.SOPInstanceUID)]
+    assert on_target, report
+    assert on_target[0]["instanceNumber"] == int(target.InstanceNumber) == CT_FIRST + CT_REGION_INDEX, report
+    assert on_target[0]["count"] == CT_COUNT, report
+    # the overlay reads "I:69 (10/20)": instance number, then position in the stack
+    assert f"I:{CT_FIRST + CT_REGION_INDEX} ({CT_REGION_INDEX + 1}/{CT_COUNT})" in shown["overlay"], report
+    assert any("Diameter: 30.00 mm" in t and "Middle lobe of right lung" in t for t in shown["svgText"]), report
