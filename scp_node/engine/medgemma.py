@@ -197,7 +197,7 @@ class MedGemmaEngine:
                 # With accelerate installed, weights go straight to the GPU; without it they are
                 # loaded into host RAM first (about 8.6 GB for MedGemma 4B in bf16) and then moved.
                 placement = {"device_map": str(device)} if device.type == "cuda" and _has_accelerate() else {}
-                model = AutoModelForImageTextToText.from_pretrained(
+                model = AutoModelForImageTextToText.from_pretrained(  # local_files_only: never a hub
                     self.model_dir,
                     local_files_only=True,
                     dtype=dtype,

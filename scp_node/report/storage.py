@@ -17,6 +17,8 @@ import pydicom
 from highdicom.sr import Comprehensive3DSR, MeasurementReport
 from pydicom.uid import ExplicitVRLittleEndian
 
+from scp_node.store.files import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 #: mkstemp creates 0600; the exporter and operators read these files, so make them 0644.
@@ -30,18 +32,6 @@ def read_report(path: str | os.PathLike[str]) -> Comprehensive3DSR:
     if not isinstance(sr.content, MeasurementReport):
         raise ValueError(f"{path}: content is not a TID 1500 Measurement Report")
     return sr
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist the rename itself (POSIX); silently skipped where directories can't be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_report(sr: Comprehensive3DSR, path: str | os.PathLike[str]) -> Path:
@@ -73,6 +63,6 @@ def write_report(sr: Comprehensive3DSR, path: str | os.PathLike[str]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_directory(target.parent)
+    fsync_dir(target.parent)
     logger.info("wrote SR %s (%d bytes)", sr.SOPInstanceUID, target.stat().st_size)
     return target

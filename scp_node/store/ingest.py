@@ -33,8 +33,7 @@ from sqlalchemy.orm import Session
 
 from ..audit import AuditTrail, Event
 from .db import Database
-from .files import UnsafeUID, check_uid, instance_path, remove_quietly, sha256_hex, write_durably
-from .files import _fsync_dir as fsync_dir
+from .files import UnsafeUID, check_uid, fsync_dir, instance_path, remove_quietly, sha256_hex, write_durably
 from .integrity import IncompleteDataset, check_complete, check_complete_file
 from .models import Instance, Patient, Report, Series, SeriesState, Study, utcnow
 
@@ -152,11 +151,7 @@ def _copy_durably(src: Path, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _discard(path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import warnings
 from io import BytesIO
+from typing import Any
 from pathlib import Path
 
 import pydicom
@@ -30,16 +31,7 @@ def check_complete(data: bytes) -> Dataset:
 
     Returns the parsed dataset (elements still raw, so nothing is decoded needlessly).
     """
-    # catch_warnings swaps process-global state: without the lock, two handler threads would
-    # record each other's warnings (or leave a recorder installed for good).
-    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ds = pydicom.dcmread(BytesIO(data))
-    for w in caught:
-        if "End of file reached" in str(w.message) or "before delimiter" in str(w.message):
-            raise IncompleteDataset("dataset ends before a sequence or item delimiter (truncated)")
-    if len(ds) == 0:
-        raise IncompleteDataset("no data elements after the file meta information")
+    ds = _read_checked(BytesIO(data))
     for tag in list(ds.keys()):
         elem = ds._dict.get(tag)  # raw access: do not convert values we do not need
         if not isinstance(elem, RawDataElement) or elem.length == UNDEFINED_LENGTH:
@@ -63,14 +55,7 @@ def check_complete_file(path: Path) -> Dataset:
     elements, large values deferred) so the caller needs no second parse.
     """
     size = path.stat().st_size
-    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ds = pydicom.dcmread(path, defer_size=65536)
-    for w in caught:
-        if "End of file reached" in str(w.message) or "before delimiter" in str(w.message):
-            raise IncompleteDataset("dataset ends before a sequence or item delimiter (truncated)")
-    if len(ds) == 0:
-        raise IncompleteDataset("no data elements after the file meta information")
+    ds = _read_checked(path, defer_size=65536)
     for tag in list(ds.keys()):
         elem = ds._dict.get(tag)
         if not isinstance(elem, RawDataElement) or elem.length == UNDEFINED_LENGTH:
@@ -91,3 +76,19 @@ def check_complete_file(path: Path) -> Dataset:
 
 
 _DELIMITERS = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
+
+
+def _read_checked(source: Any, **kwargs: Any) -> Dataset:
+    """dcmread that turns pydicom's "ran out of bytes" warnings and an empty dataset into
+    :class:`IncompleteDataset` (pydicom itself reads a cut-short dataset without raising)."""
+    # catch_warnings swaps process-global state: without the lock, two handler threads would
+    # record each other's warnings (or leave a recorder installed for good).
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(source, **kwargs)
+    for w in caught:
+        if "End of file reached" in str(w.message) or "before delimiter" in str(w.message):
+            raise IncompleteDataset("dataset ends before a sequence or item delimiter (truncated)")
+    if len(ds) == 0:
+        raise IncompleteDataset("no data elements after the file meta information")
+    return ds
