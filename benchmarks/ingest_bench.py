@@ -69,6 +69,13 @@ def rss_mib(pid: int) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its waited-for children so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    user, system, child_user, child_system = (int(f) / os.sysconf("SC_CLK_TCK") for f in fields[11:15])
+    return user + child_user, system + child_system
+
+
 def send_all(port: int, aec: str, batches: list[list[list[Path]]]) -> float:
     """One storescu per sender, all at once; each sender sends its batches in one association each
     (as a modality sends a series); return the wall time until every sender is done."""
@@ -91,7 +98,10 @@ def run_target(name: str, start: Callable[[], tuple[int, str, Callable[[], None]
     port, aec, stop, pid = start()
     try:
         before = rss_mib(pid) if pid else {}
+        cpu0 = cpu_seconds(pid) if pid else (0.0, 0.0)
         seconds = send_all(port, aec, batches)
+        cpu1 = cpu_seconds(pid) if pid else (0.0, 0.0)
+        user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
         after = rss_mib(pid) if pid else {}
     finally:
         stop()
@@ -100,8 +110,10 @@ def run_target(name: str, start: Callable[[], tuple[int, str, Callable[[], None]
     if pid:
         row["rss_before_mib"], row["rss_after_mib"] = before.get("VmRSS"), after.get("VmRSS")
         row["rss_peak_mib"] = after.get("VmHWM")
+        row["cpu_ms_per_instance"] = round((user + system) * 1000 / n, 2)
+        row["cpu_user_ms_per_instance"] = round(user * 1000 / n, 2)
     print(f"{name:9s} {n:6d} instances in {seconds:7.2f} s: {row['instances_per_s']:7.1f} inst/s "
-          f"{row['mb_per_s']:6.1f} MB/s" + (f"  RSS {row['rss_before_mib']} -> {row['rss_after_mib']} MiB "
+          f"{row['mb_per_s']:6.1f} MB/s" + (f"  CPU {row['cpu_ms_per_instance']} ms/inst ({row['cpu_user_ms_per_instance']} user)  RSS {row['rss_before_mib']} -> {row['rss_after_mib']} MiB "
                                              f"(peak {row['rss_peak_mib']})" if pid else ""), flush=True)
     return row
 
@@ -139,7 +151,7 @@ def main() -> None:
             node = start_node(config, port, timeout=300)
             spy = None
             if args.profile:
-                spy = subprocess.Popen(["py-spy", "record", "-p", str(node.proc.pid), "-r", "250", "--threads",
+                spy = subprocess.Popen(["py-spy", "record", "-p", str(node.proc.pid), "-r", "250", "--gil", "--threads",
                                         "--format", "raw", "-o", str(args.profile), "--nonblocking"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)

@@ -2,4 +2,5 @@
 
 from .cli import main
 
-main()
+if __name__ == "__main__":  # not when multiprocessing's spawn imports it in a receiver
+    main()

@@ -37,6 +37,9 @@ class NodeConfig:
     #: Largest P-DATA PDU we advertise; 0 means unlimited (pynetdicom's convention).
     max_pdu_size: int = 1_048_576
     max_associations: int = 16
+    #: Processes that receive DIMSE on the node's port (the node's own plus children that only
+    #: receive); 0 means one per CPU core, at most 4. See scp_node.listener.
+    receiver_processes: int = 0
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -94,7 +97,7 @@ class EngineConfig:
     language: str = "en"
     #: Series analysed together in one batched generation (halved on CUDA out-of-memory).
     max_batch: int = 4
-    #: Static KV cache, compiled by transformers on CUDA (slow first batch, faster after).
+    #: Static KV cache, compiled by transformers on CUDA; warmed up at start (scp_node.engine.warmup).
     compile: bool = False
     #: Bounds of the JSON answer (they fix the longest possible answer in tokens).
     max_findings: int = 6
@@ -362,6 +365,8 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     _check_ae_title("[node] ae_title", node.ae_title)
     if not 0 < node.port < 65536:
         raise ConfigError(f"[node] port {node.port} is not a TCP port")
+    if node.receiver_processes < 0 or node.max_associations < 1:
+        raise ConfigError("[node] receiver_processes must be >= 0 (0: one per core) and max_associations >= 1")
     _node_tls(node, base)
     if store.min_free_bytes < 0 or not 0 <= store.min_free_percent < 100:
         raise ConfigError("[store] min_free_bytes must be >= 0 and min_free_percent in [0, 100)")

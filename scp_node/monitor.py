@@ -33,6 +33,8 @@ class NodeStatus:
     last_errors: list[dict[str, str]] = field(default_factory=list)
     #: From the node's heartbeat (pid file): seconds since it was written, GPU memory if on CUDA.
     heartbeat_age_seconds: float | None = None
+    #: Processes receiving DIMSE on the port (the node's own and its live child receivers).
+    receiver_processes: int | None = None
     gpu: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -92,12 +94,15 @@ def collect(config: Config, db: Database, errors: int = 5) -> NodeStatus:
                       dead_exports=dead, last_errors=last,
                       heartbeat_age_seconds=round(time.time() - float(beat["heartbeat"]), 1)
                       if running and "heartbeat" in beat else None,
+                      receiver_processes=int(beat["receiver_processes"]) if running and "receiver_processes" in beat
+                      else None,
                       gpu={k: v for k, v in beat.items() if k.startswith("gpu_")} if running else {})
 
 
 def render(st: NodeStatus) -> str:
     lines = [f"node      {'running (pid %d)' % st.pid if st.running else 'not running'}",
-             f"listen    {st.ae_title} @ {st.host}:{st.port} ({'open' if st.port_open else 'closed'})",
+             f"listen    {st.ae_title} @ {st.host}:{st.port} ({'open' if st.port_open else 'closed'})"
+             + (f", {st.receiver_processes} receiver processes" if st.receiver_processes else ""),
              f"index     {st.instances} instances, {st.series_receiving} series receiving",
              "analysis  " + ", ".join(f"{k} {v}" for k, v in st.analysis.items()),
              "exports   " + ", ".join(f"{k} {v}" for k, v in st.exports.items())]

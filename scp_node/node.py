@@ -20,17 +20,12 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ImplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, __version__
+from . import __version__
 from .audit import AuditTrail, Event, load_or_create_secret
 from .config import Config
 from .engine.result import AnalysisResult
 from .export import send_c_store
-from .handlers import (AccessList, handle_aborted, handle_accepted, handle_conn_open, handle_echo,
-                       handle_requested, handle_store)
 from .scheduler import analysis, exports
 from .scheduler.analysis import AnalysisQueue
 from .scheduler.completion import SeriesCompletion
@@ -84,19 +79,6 @@ def prepare_model_dir(config: Config) -> None:
                            "see README 'Real MedGemma weights'.") from None
 
 
-def preferred_transfer_syntaxes() -> list[str]:
-    """Every transfer syntax, encapsulated (compressed) ones first, Implicit VR last.
-
-    pynetdicom as acceptor picks, within one proposed presentation context, the first syntax of
-    *its own* list that the sender proposed.  A modality holding a JPEG 2000 image proposes it
-    first and uncompressed as a fallback; preferring the encapsulated syntaxes means it sends
-    the image as it has it, and we store exactly those bytes, with no transcoding on either side.
-    """
-    encapsulated = [ts for ts in ALL_TRANSFER_SYNTAXES if UID(ts).is_encapsulated]
-    native = [ts for ts in ALL_TRANSFER_SYNTAXES if not UID(ts).is_encapsulated and ts != ImplicitVRLittleEndian]
-    return encapsulated + native + [ImplicitVRLittleEndian]
-
-
 class Node:
     """scp_node as one process: DIMSE SCP, series completion, analysis and export loops."""
 
@@ -106,44 +88,14 @@ class Node:
         self.ingestor = Ingestor(self.db, config.store.storage_dir, self.audit, config.store.duplicate_policy,
                                  min_free_bytes=config.store.min_free_bytes,
                                  min_free_percent=config.store.min_free_percent)
-        self.ae = self._make_ae()
+        self._listening: Any = None  # the port's socket, shared by every receiver process
+        self._listener: Any = None
+        self._receivers: Any = None
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._server: Any = None
         self._engine: Any = None
         self._web: Any = None
         self._stopped = threading.Event()
-
-    # -- network -----------------------------------------------------------------------------
-    def _make_ae(self) -> AE:
-        n = self.config.node
-        ae = AE(ae_title=n.ae_title)
-        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        ae.maximum_pdu_size = n.max_pdu_size
-        # Received datasets are spooled to a file as they arrive, never held whole in memory.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        # The limit itself is checked (and audited) in handle_requested; pynetdicom's count also
-        # holds closed connections waiting out their ACSE timeout, so its ceiling is a safety net.
-        ae.maximum_associations = n.max_associations + 64
-        ae.acse_timeout = n.acse_timeout
-        ae.dimse_timeout = n.dimse_timeout
-        ae.network_timeout = n.network_timeout
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        for cx in StoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, preferred_transfer_syntaxes())
-        return ae
-
-    def _handlers(self) -> list[Any]:
-        acl = AccessList(self.config.peers, accept_unknown=self.config.node.accept_unknown_callers)
-        return [
-            (evt.EVT_CONN_OPEN, handle_conn_open, [self.config.node.max_pdu_size, self.audit]),
-            (evt.EVT_REQUESTED, handle_requested, [acl, self.config.node.ae_title, self.audit,
-                                                   self.config.node.max_associations]),
-            (evt.EVT_ACCEPTED, handle_accepted, [self.audit]),
-            (evt.EVT_ABORTED, handle_aborted, [self.audit]),
-            (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.ingestor, self.audit]),
-        ]
 
     # -- analysis ----------------------------------------------------------------------------
     def _load_engine(self) -> Any:
@@ -156,6 +108,10 @@ class Node:
                                 structured=e.structured, language=e.language, max_batch=e.max_batch,
                                 compile=e.compile, schema_bounds=engine_bounds(e))
         engine.load()
+        if e.compile:
+            from .engine.warmup import warm_up
+
+            warm_up(engine)  # compile now, not on the first patient's series
         ident = engine.identity
         log.info("model loaded: %s %s on %s (%s)%s", ident.name, ident.version, ident.device, ident.dtype,
                  " — TEST MODEL" if ident.is_test_model else "")
@@ -219,18 +175,7 @@ class Node:
             log.info("recovered %d interrupted analysis jobs and %d interrupted exports", n_jobs, n_exp)
         self._engine = self._load_engine()
         completion, analysis_q, export_q = self._queues()
-        try:
-            from .tls import TLSConfigError, defer_handshakes, server_context
-
-            tls = server_context(c.node)
-            self._server = self.ae.start_server((c.node.host, c.node.port), block=False,
-                                                evt_handlers=self._handlers(), ssl_context=tls)
-            if tls is not None:
-                defer_handshakes(self._server, tls)
-        except TLSConfigError as exc:
-            raise StartupError(str(exc)) from None
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {c.node.host}:{c.node.port}: {exc.strerror or exc}") from None
+        self._listen()
         if c.web is not None:
             from .web import WebStartError, start_web
 
@@ -252,6 +197,25 @@ class Node:
                           detail=f"scp_node {__version__}; model {ident.name}"
                                  + (" (TEST MODEL)" if ident.is_test_model else ""))
         log.info("listening as %s on %s:%d", c.node.ae_title, c.node.host, c.node.port)
+
+    def _listen(self) -> None:
+        """Open the port and start receiving: here, and in the child receiver processes."""
+        from .listener import DimseListener, ListenError, ReceiverProcesses, open_listening_socket, receiver_count
+        from .tls import TLSConfigError, server_context
+
+        c = self.config
+        try:
+            server_context(c.node)  # a bad TLS setup stops the start before any receiver runs
+            self._listening = open_listening_socket(c.node.host, c.node.port)
+            total = receiver_count(c)
+            if total > 1:
+                self._receivers = ReceiverProcesses(c, self._listening, total)
+                self._receivers.start()  # children first: callers wait in the backlog until all serve
+            self._listener = DimseListener(c, self.audit, self.ingestor, self._listening,
+                                           self._receivers.counts(0) if self._receivers else None)
+            self._listener.start()
+        except (TLSConfigError, ListenError) as exc:
+            raise StartupError(str(exc)) from None
 
     def _lock_var_dir(self) -> None:
         """One node per storage: a second ``serve`` with the same config must not run the crash
@@ -281,10 +245,15 @@ class Node:
         if self._web is not None:
             self._web.stop()
             self._web = None
-        if self._server is not None:
-            self._server.shutdown()  # closes the listening socket: no new associations
-            self._server = None
-            self._finish_associations(grace=min(self.config.node.dimse_timeout, 30.0))
+        if self._listener is not None:
+            grace = min(self.config.node.dimse_timeout, 30.0)
+            if self._receivers is not None:
+                self._receivers.terminate()  # they finish their associations while this one does
+            self._listener.stop(grace)
+            if self._receivers is not None:
+                self._receivers.join(grace + 5)
+            self._listener = self._receivers = None
+            self._listening.close()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.audit.record(Event.NODE_STOPPED, ae_title=self.config.node.ae_title)
@@ -292,23 +261,6 @@ class Node:
         self.db.dispose()
         self._lock_file.close()  # releases the flock
         self._lock_file = None
-
-    def _finish_associations(self, grace: float) -> None:
-        """Let open associations end (a store in flight is answered), then abort what is left."""
-        import time
-
-        def open_ones() -> list[Any]:
-            # A connection that already closed (a port probe) keeps its thread until the ACSE
-            # timeout; it has nothing to finish (state Sta1), so it is not waited for.
-            return [a for a in self.ae.active_associations
-                    if a.is_alive() and a.dul.state_machine.current_state != "Sta1"]
-
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and open_ones():
-            time.sleep(0.1)
-        for assoc in open_ones():
-            log.warning("aborting an association still open at stop")
-            assoc.abort()
 
     @property
     def pid_path(self) -> Path:
@@ -320,6 +272,7 @@ class Node:
         c = self.config.node
         info: dict[str, Any] = {"pid": os.getpid(), "host": c.host, "port": c.port, "ae_title": c.ae_title,
                                 "heartbeat": time.time()}
+        info["receiver_processes"] = 1 + (self._receivers.alive() if self._receivers is not None else 0)
         info.update(_gpu_memory())
         self.pid_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.pid_path.with_suffix(".tmp")

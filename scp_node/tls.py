@@ -66,6 +66,7 @@ def defer_handshakes(server: Any, ctx: ssl.SSLContext) -> None:
     """
     def get_request() -> tuple[socket.socket, Any]:
         client, address = server.socket.accept()
+        client.settimeout(server.ae.network_timeout)  # blocking with a timeout, whatever the listener is
         return ctx.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
 
     server.get_request = get_request

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from ..store.db import Database
-from ..store.models import AuditEvent
+from ..store.models import AuditEvent, utcnow
 from .secret import keyed_hash
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,18 @@ class AuditTrail:
             peer: str = "", study_uid: str = "", series_uid: str = "", sop_uid: str = "",
             patient_id: str | None = None, detail: str = "") -> None:
         """Add a row to ``session`` so it commits (or not) together with the work it describes."""
-        session.add(AuditEvent(
-            event=event, outcome=outcome, ae_title=_clean(ae_title, 16), peer=_clean(peer, 64),
-            study_instance_uid=_clean(study_uid, 64), series_instance_uid=_clean(series_uid, 64),
-            sop_instance_uid=_clean(sop_uid, 64), patient_hash=self.patient_hash(patient_id),
-            detail=_clean(detail, 2000)))
+        session.add(AuditEvent(**self.values(event, outcome=outcome, ae_title=ae_title, peer=peer,
+                                             study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
+                                             patient_id=patient_id, detail=detail)))
+
+    def values(self, event: str, *, outcome: str = "success", ae_title: str = "", peer: str = "",
+               study_uid: str = "", series_uid: str = "", sop_uid: str = "", patient_id: str | None = None,
+               detail: str = "") -> dict[str, object]:
+        """The column values of one audit row (cleaned, patient ID hashed), for a Core insert."""
+        return dict(event=event, outcome=outcome, ae_title=_clean(ae_title, 16), peer=_clean(peer, 64),
+                    study_instance_uid=_clean(study_uid, 64), series_instance_uid=_clean(series_uid, 64),
+                    sop_instance_uid=_clean(sop_uid, 64), patient_hash=self.patient_hash(patient_id),
+                    detail=_clean(detail, 2000), time=utcnow())
 
     def record(self, event: str, **kwargs: object) -> None:
         """Add a row in its own transaction. Never raises: an audit failure is logged, not fatal."""

@@ -81,7 +81,7 @@ class AccessList:
                    for ae, nets in self._resolved)
 
 
-def _live_acceptors(ae: Any) -> int:
+def live_acceptors(ae: Any) -> int:
     """Associations we accept that still have a peer: a connection that already closed (a port
     probe) keeps its pynetdicom thread until the ACSE timeout, but it holds no slot here."""
     n = 0
@@ -91,12 +91,36 @@ def _live_acceptors(ae: Any) -> int:
     return n
 
 
+class AssociationCounts:
+    """The live associations of every receiver process of the node, one slot each (shared memory).
+
+    A receiver writes only its own slot (an aligned int: one store, no lock needed) and reads the
+    others.  Two receivers admitting a request in the same instant can each miss the other's, so
+    the node may pass the limit by at most one association per extra receiver, briefly.
+    """
+
+    def __init__(self, slots: Any, slot: int) -> None:
+        self.slots = slots
+        self.slot = slot
+
+    def publish(self, own: int) -> None:
+        self.slots[self.slot] = own
+
+    def fewest_elsewhere(self) -> int:
+        """The smallest count among the other receivers."""
+        return min((v for i, v in enumerate(self.slots) if i != self.slot), default=0)
+
+    def total_with(self, own: int) -> int:
+        return own + sum(v for i, v in enumerate(self.slots) if i != self.slot)
+
+
 def handle_requested(event: evt.Event, acl: AccessList, our_ae_title: str, audit: AuditTrail,
-                     max_associations: int | None = None) -> None:
+                     max_associations: int | None = None, counts: AssociationCounts | None = None) -> None:
     """EVT_REQUESTED: reject callers not on the allow-list, then callers past the association limit.
 
     ``max_associations`` is ``[node] max_associations``; pynetdicom's own count (which also counts
     closed connections still waiting out their ACSE timeout) is set higher, as a safety net.
+    ``counts``: the other receiver processes' associations (see :mod:`scp_node.listener`).
     """
     rq = event.assoc.requestor
     # At EVT_REQUESTED the titles are only in the A-ASSOCIATE-RQ primitive (not yet copied to rq).
@@ -112,8 +136,14 @@ def handle_requested(event: evt.Event, acl: AccessList, our_ae_title: str, audit
         ae = event.assoc.ae
         limit = ae.maximum_associations if max_associations is None else max_associations
         # This association included, as pynetdicom's ACSE counts; done here so it is audited.
-        if _live_acceptors(ae) <= limit:
+        own = live_acceptors(ae)
+        total = own if counts is None else counts.total_with(own)
+        if total <= limit:
+            if counts is not None:
+                counts.publish(own)
             return
+        if counts is not None:
+            counts.publish(own - 1)  # this one is turned away: it holds no slot
         detail = f"maximum concurrent associations ({limit}) reached; rejected-transient"
         log.warning("rejecting association from %s at %s: %s", calling, address, detail)
         audit.record(Event.ASSOCIATION_REJECTED, outcome="failure", ae_title=calling, peer=address, detail=detail)

@@ -3,11 +3,17 @@
 pynetdicom's sample qrscp opens a new engine per C-STORE; we open one here and hand out
 short sessions.  On SQLite every transaction starts with ``BEGIN IMMEDIATE`` so that concurrent
 associations queue on the write lock (with a busy timeout) instead of failing on a lock upgrade,
-and WAL lets readers (``scp-node status``) work while the node writes.
+and WAL lets readers (``scp-node status``) work while the node writes.  Before that, threads of
+one process queue on a Python lock and processes (the node's receivers, the CLI) on an ``flock``
+of ``<index>.lock``: SQLite's own busy handler polls with sleeps of 1 to 100 ms, and with several
+associations storing at once those sleeps, not the work, set the pace.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,10 +32,12 @@ class Database:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {}
+        self._lock_path: Path | None = None
         if self.is_sqlite:
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self._lock_path = Path(path + ".lock")
             kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
         else:
             kwargs["pool_pre_ping"] = True
@@ -37,18 +45,45 @@ class Database:
         if self.is_sqlite:
             _configure_sqlite(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        #: Every SQLite transaction is a write transaction (BEGIN IMMEDIATE): one at a time.
+        self._thread_lock = threading.RLock()
+        self._depth = 0  # sessions open in the thread holding _thread_lock
+        self._lock_fd: int | None = None
         if create:
             Base.metadata.create_all(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A transaction: committed on normal exit, rolled back on any exception."""
-        with self._sessions() as session:
-            with session.begin():
+        if not self.is_sqlite:
+            with self._sessions() as session, session.begin():
                 yield session
+            return
+        with self._thread_lock:
+            self._depth += 1
+            try:
+                if self._depth == 1:
+                    self._lock_process()
+                with self._sessions() as session, session.begin():
+                    yield session
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _lock_process(self) -> None:
+        """Queue behind other processes' transactions on the index (blocking flock: woken at once)."""
+        if self._lock_path is None:
+            return
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -20,22 +20,24 @@ import logging
 import os
 import shutil
 import threading
-import uuid
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Connection
 
 from ..audit import AuditTrail, Event
 from .db import Database
-from .files import UnsafeUID, check_uid, fsync_dir, instance_path, remove_quietly, sha256_hex, write_durably
+from .files import (UnsafeUID, check_uid, fsync_dir, instance_path, remove_quietly, sha256_hex, stage_bytes,
+                    stage_file, temp_name)
+from .index import InstanceRow, add_audit, find_instance, index_instance
 from .integrity import IncompleteDataset, check_complete, check_complete_file
-from .models import Instance, Patient, Report, Series, SeriesState, Study, utcnow
+from .models import Instance, Report
 
 log = logging.getLogger(__name__)
 
@@ -120,38 +122,6 @@ def _sha256_file(path: Path) -> str:
         while block := fh.read(_BLOCK):
             h.update(block)
     return h.hexdigest()
-
-
-def _copy_durably(src: Path, path: Path) -> None:
-    """:func:`write_durably` for a spooled file: to a tmp name, fsync, rename, fsync the folder.
-
-    On the same file system the spool file is hard-linked (no second copy of the bytes, the
-    receive path's biggest saving); across file systems it is copied in blocks.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        try:
-            os.link(src, tmp)
-            linked = True
-        except OSError:
-            linked = False
-        if linked:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        else:
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, _BLOCK)
-                fout.flush()
-                os.fsync(fout.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
 
 
 def _discard(path: Path) -> None:
@@ -274,22 +244,23 @@ class Ingestor:
         """Stage the file durably, then decide and index in one transaction.
 
         One write-locked transaction per instance (not a read one then a write one): the SQLite
-        write lock is the point every association queues on.  A new instance gets its final
-        name (and the folder its fsync) before the commit; a crash in between leaves a file the
-        index does not know, which :meth:`recover` removes at the next start.  A replacement
+        write lock is the point every association queues on.  The file is staged under a
+        temporary name and fsynced first; a new instance gets its final name (and the folder its
+        fsync) inside the transaction, before the commit.  A crash in between leaves a file the
+        index does not know, which :meth:`recover` quarantines at the next start.  A replacement
         (policy ``replace``) overwrites the old file only after the commit.
         """
         path = self.storage_dir / rel
-        patient_id = _text(ds, "PatientID", 64)
-        audit_ids = dict(ae_title=origin.ae_title, peer=origin.address, study_uid=study_uid,
-                         series_uid=series_uid, sop_uid=sop_uid, patient_id=patient_id)
         size = data.stat().st_size if isinstance(data, Path) else len(data)
-        staged = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        row = _instance_row(ds, rel, size, digest, origin, sop_uid, sop_class, study_uid, series_uid)
+        audit_ids = dict(ae_title=origin.ae_title, peer=origin.address, study_uid=study_uid,
+                         series_uid=series_uid, sop_uid=sop_uid, patient_id=row.patient["patient_id"])
+        staged = temp_name(path)
         try:
             if isinstance(data, Path):
-                _copy_durably(data, staged)
+                stage_file(staged, data)
             else:
-                write_durably(staged, data)
+                stage_bytes(staged, data)
         except OSError as exc:
             _discard(staged)
             raise StorageFailure(f"cannot write file: {exc.strerror or exc}") from None
@@ -299,8 +270,7 @@ class Ingestor:
             for attempt in range(3):
                 try:
                     with self.db.session() as session:
-                        outcome, old_rel = self._decide_and_index(session, ds, digest, rel, size, origin, sop_uid,
-                                                                  sop_class, study_uid, series_uid, audit_ids)
+                        outcome, old_rel = self._decide_and_index(session.connection(), row, origin, audit_ids)
                         if outcome is IngestOutcome.STORED:
                             os.replace(staged, path)
                             placed = True
@@ -308,7 +278,7 @@ class Ingestor:
                     committed = True
                     break
                 except IntegrityError:
-                    # Another association created the same patient/study/series row first: retry.
+                    # Another process created the same patient/study/series row first: retry.
                     if placed:
                         os.replace(path, staged)
                         placed = False
@@ -330,81 +300,42 @@ class Ingestor:
             if placed and not committed:
                 _discard(path)
 
-    def _decide_and_index(self, session: Session, ds: Dataset, digest: str, rel: Path, size: int, origin: Origin,
-                          sop_uid: str, sop_class: str, study_uid: str, series_uid: str,
-                          audit_ids: dict[str, str]) -> tuple[IngestOutcome, str | None]:
+    def _decide_and_index(self, conn: Connection, row: InstanceRow, origin: Origin,
+                          audit_ids: dict[str, Any]) -> tuple[IngestOutcome, str | None]:
         """Inside the transaction: a duplicate is audited (the duplicate policy decides), anything
         else gets its index rows and an audit row.  Returns the outcome and the replaced copy's path."""
-        existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).first()
+        existing = find_instance(conn, row.sop_instance_uid)
         old_rel = existing.path if existing is not None else None
         if existing is not None:
-            if existing.sha256 == digest:
-                self.audit.add(session, Event.INSTANCE_DUPLICATE, detail="identical bytes; ignored", **audit_ids)
+            if existing.sha256 == row.sha256:
+                add_audit(conn, self.audit.values(Event.INSTANCE_DUPLICATE, detail="identical bytes; ignored",
+                                                  **audit_ids))
                 return IngestOutcome.DUPLICATE_IDENTICAL, None
             if self.duplicate_policy == "keep_first":
-                self.audit.add(session, Event.INSTANCE_DUPLICATE, outcome="warning",
-                               detail="different bytes; first copy kept (policy keep_first)", **audit_ids)
+                add_audit(conn, self.audit.values(
+                    Event.INSTANCE_DUPLICATE, outcome="warning",
+                    detail="different bytes; first copy kept (policy keep_first)", **audit_ids))
                 return IngestOutcome.DUPLICATE_KEPT_FIRST, None
-        series = self._series(session, ds, study_uid, series_uid)
-        outcome = IngestOutcome.REPLACED if existing is not None else IngestOutcome.STORED
-        inst = existing or Instance(sop_instance_uid=sop_uid)
-        inst.sop_class_uid = sop_class
-        inst.series = series
-        inst.instance_number = _int_or_none(ds, "InstanceNumber")
-        inst.transfer_syntax_uid = str(ds.file_meta.get("TransferSyntaxUID", ""))[:64]
-        inst.path = rel.as_posix()
-        inst.size = size
-        inst.sha256 = digest
-        inst.received_at = utcnow()
-        inst.calling_ae_title = origin.ae_title[:16]
-        inst.peer_address = origin.address[:64]
-        inst.series_version = series.version
-        session.add(inst)
-        detail = f"{size} bytes via {origin.via}"
-        if outcome is IngestOutcome.REPLACED:
+        index_instance(conn, row, existing)
+        detail = f"{row.size} bytes via {origin.via}"
+        if existing is not None:
             detail += "; replaced a different copy (policy replace)"
-        self.audit.add(session, Event.INSTANCE_STORED, detail=detail, **audit_ids)
-        session.flush()  # constraint errors surface here, before the file gets its final name
-        return outcome, old_rel
+        add_audit(conn, self.audit.values(Event.INSTANCE_STORED, detail=detail, **audit_ids))
+        return (IngestOutcome.REPLACED if existing is not None else IngestOutcome.STORED), old_rel
 
-    def _series(self, session: Session, ds: Dataset, study_uid: str, series_uid: str) -> Series:
-        series = session.scalars(select(Series).where(Series.series_instance_uid == series_uid)).first()
-        now = utcnow()
-        if series is None:
-            study = self._study(session, ds, study_uid)
-            series = Series(series_instance_uid=series_uid, study=study,
-                            modality=_text(ds, "Modality", 16),
-                            body_part_examined=_text(ds, "BodyPartExamined", 16),
-                            series_description=_text(ds, "SeriesDescription", 64),
-                            series_number=_int_or_none(ds, "SeriesNumber"),
-                            state=SeriesState.RECEIVING, version=1,
-                            first_received_at=now, last_received_at=now, version_started_at=now)
-            session.add(series)
-            session.flush()
-        elif series.state is SeriesState.COMPLETE:
-            # Late arrival: a new analysis version of this series starts collecting.
-            series.state = SeriesState.RECEIVING
-            series.version += 1
-            series.version_started_at = now
-            series.completed_at = None
-        series.last_received_at = now
-        return series
 
-    def _study(self, session: Session, ds: Dataset, study_uid: str) -> Study:
-        study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
-        if study is not None:
-            return study
-        key = dict(patient_id=_text(ds, "PatientID", 64),
-                   issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
-                   patient_name=_text(ds, "PatientName", 324))
-        patient = session.scalars(select(Patient).filter_by(**key)).first()
-        if patient is None:
-            patient = Patient(**key)
-            session.add(patient)
-        study = Study(study_instance_uid=study_uid, patient=patient,
-                      study_date=_text(ds, "StudyDate", 8),
-                      accession_number=_text(ds, "AccessionNumber", 16),
-                      study_description=_text(ds, "StudyDescription", 64))
-        session.add(study)
-        session.flush()
-        return study
+def _instance_row(ds: Dataset, rel: Path, size: int, digest: str, origin: Origin, sop_uid: str, sop_class: str,
+                  study_uid: str, series_uid: str) -> InstanceRow:
+    """The index values of one instance, read from its header and bounded to the column sizes."""
+    return InstanceRow(
+        sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_instance_uid=study_uid,
+        series_instance_uid=series_uid, instance_number=_int_or_none(ds, "InstanceNumber"),
+        transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", ""))[:64], path=rel.as_posix(), size=size,
+        sha256=digest, calling_ae_title=origin.ae_title[:16], peer_address=origin.address[:64],
+        patient=dict(patient_id=_text(ds, "PatientID", 64), issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
+                     patient_name=_text(ds, "PatientName", 324)),
+        study=dict(study_date=_text(ds, "StudyDate", 8), accession_number=_text(ds, "AccessionNumber", 16),
+                   study_description=_text(ds, "StudyDescription", 64)),
+        series=dict(modality=_text(ds, "Modality", 16), body_part_examined=_text(ds, "BodyPartExamined", 16),
+                    series_description=_text(ds, "SeriesDescription", 64),
+                    series_number=_int_or_none(ds, "SeriesNumber")))

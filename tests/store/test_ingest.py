@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import false, select, text
 
 from scp_node.audit import AuditTrail, Event
 from scp_node.scheduler.completion import SeriesCompletion
+from scp_node.store import index
 from scp_node.store.db import Database
 from scp_node.store.ingest import (IngestOutcome, Ingestor, InvalidInstance, Origin, StorageFailure,
                                    parse_header)
@@ -400,31 +401,27 @@ def test_same_instance_from_two_threads_is_stored_once(ingestor: Ingestor, index
     assert count(index_db, Instance) == 1 and len(stored_files(storage_dir)) == 1
 
 
-class RacingIngestor(Ingestor):
-    """Loses the race for the series row once: another association inserted it first.
-
-    On SQLite (BEGIN IMMEDIATE) the race cannot happen for real; on a server database it can.
-    The first attempt inserts a conflicting series row as the other association would have,
-    which makes the flush fail with the real IntegrityError the retry path handles.
-    """
-
-    raced = False
-
-    def _series(self, session, ds, study_uid, series_uid):  # type: ignore[no-untyped-def]
-        if not self.raced:
-            self.raced = True
-            study = self._study(session, ds, study_uid)
-            session.add(Series(series_instance_uid=series_uid, study=study))
-            session.flush()  # unique series_instance_uid: IntegrityError
-        return super()._series(session, ds, study_uid, series_uid)
-
-
 def test_integrity_error_on_the_series_row_is_retried(index_db: Database, storage_dir: Path,
-                                                      audit_trail: AuditTrail) -> None:
+                                                      audit_trail: AuditTrail, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Losing the race for the series row: another association inserted it first.
+
+    On SQLite (BEGIN IMMEDIATE) the race cannot happen for real; on a server database it can. The
+    first attempt's series look-up is blinded (as a look-up before the other transaction committed
+    would be), so the series insert fails with the real IntegrityError the retry path handles.
+    """
     Ingestor(index_db, storage_dir, audit_trail).ingest(read_bytes(CT_SLICES[0]), ORIGIN)
+    attempts: list[int] = []
+    seeing = index._FIND_SERIES
+
+    class RacingIngestor(Ingestor):
+        def _decide_and_index(self, conn, row, origin, audit_ids):  # type: ignore[no-untyped-def]
+            monkeypatch.setattr(index, "_FIND_SERIES", seeing.where(false()) if not attempts else seeing)
+            attempts.append(1)
+            return super()._decide_and_index(conn, row, origin, audit_ids)
+
     racing = RacingIngestor(index_db, storage_dir, audit_trail)
     assert racing.ingest(read_bytes(CT_SLICES[1]), ORIGIN) is IngestOutcome.STORED
-    assert racing.raced
+    assert len(attempts) == 2
     assert (count(index_db, Series), count(index_db, Instance)) == (1, 2)
     assert len(stored_files(storage_dir)) == 2
     assert len(audit_rows(index_db, Event.INSTANCE_STORED)) == 2  # the failed attempt left no row

@@ -89,9 +89,13 @@ def start_node(config: Path, port: int, log_name: str = "node.log", timeout: flo
                 raise RuntimeError(f"scp-node exited with {proc.returncode}:\n{node.output()[-3000:]}")
             try:
                 wait_port(port, timeout=0.5)
-                return node
             except TimeoutError:
                 continue
+            # The port opens before the receiver processes serve (callers wait in the backlog):
+            # tests start sending when serve says the node is up.
+            if "scp-node listening as" in node.output():
+                return node
+            time.sleep(0.1)
         raise TimeoutError(f"scp-node did not listen within {timeout} s:\n{node.output()[-3000:]}")
     except Exception:
         node.stop(signal.SIGKILL)

@@ -1,0 +1,322 @@
+"""The DIMSE listener: one AE (the one place for network config) serving C-ECHO and C-STORE.
+
+A Python process runs one thread at a time.  Receiving from several modalities at once, a single
+process spends its CPU on pynetdicom's per-association threads queueing for that one lock, and
+uses one core however many the machine has.  So the node receives in ``[node]
+receiver_processes`` processes, the classic pre-fork design: the node process opens the
+listening socket, and each receiver (the node process itself and its child processes) accepts
+connections from that one socket.  The children only receive — no model, no scheduler — and
+write to the same index and storage as the node process.  Nothing else can join the socket
+(unlike ``SO_REUSEPORT``, where any process of the same user could bind the port and take
+connections), and a child dies with the node: a ``kill -9`` of the node leaves no receiver
+behind answering on its port.
+
+``[node] max_associations`` holds for the node as a whole: each receiver publishes how many
+associations it has in a slot of a shared array, and a request is counted against the sum.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from pydicom.uid import UID, ImplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
+
+from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from .audit import AuditTrail
+from .config import Config
+from .handlers import (AccessList, handle_aborted, handle_accepted, handle_conn_open, handle_echo,
+                       handle_requested, handle_store)
+from .handlers.association import AssociationCounts, live_acceptors
+from .store.ingest import Ingestor
+
+log = logging.getLogger(__name__)
+
+
+class ListenError(RuntimeError):
+    """The port cannot be opened (message says why)."""
+
+
+def preferred_transfer_syntaxes() -> list[str]:
+    """Every transfer syntax, encapsulated (compressed) ones first, Implicit VR last.
+
+    pynetdicom as acceptor picks, within one proposed presentation context, the first syntax of
+    *its own* list that the sender proposed.  A modality holding a JPEG 2000 image proposes it
+    first and uncompressed as a fallback; preferring the encapsulated syntaxes means it sends
+    the image as it has it, and we store exactly those bytes, with no transcoding on either side.
+    """
+    encapsulated = [ts for ts in ALL_TRANSFER_SYNTAXES if UID(ts).is_encapsulated]
+    native = [ts for ts in ALL_TRANSFER_SYNTAXES if not UID(ts).is_encapsulated and ts != ImplicitVRLittleEndian]
+    return encapsulated + native + [ImplicitVRLittleEndian]
+
+
+def receiver_count(config: Config) -> int:
+    """``[node] receiver_processes``; 0 means one per CPU core, at most 4."""
+    n = config.node.receiver_processes
+    return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
+def open_listening_socket(host: str, port: int) -> socket.socket:
+    """The node's listening socket, opened once by the node process and shared by every receiver."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=64, reuse_port=False)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.setblocking(False)  # receivers race to accept: the losers get EAGAIN, not a blocked thread
+    return sock
+
+
+class _ContextList(list):  # type: ignore[type-arg]
+    """The supported presentation contexts, with a fast ``deepcopy``.
+
+    pynetdicom deep-copies the server's contexts for every association.  For every storage SOP
+    class with every transfer syntax (121 contexts, 5,445 UIDs) ``copy.deepcopy`` takes ~25 ms of
+    CPU under the interpreter lock — per association, which is per instance for the many
+    modalities that open one association per image.  UIDs are immutable strings, so a copy of each
+    context object with fresh lists is the same thing, about 50 times faster.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        copies = []
+        for cx in self:
+            new = object.__new__(type(cx))
+            new.__dict__.update({k: list(v) if isinstance(v, list) else v for k, v in vars(cx).items()})
+            copies.append(new)
+        return copies
+
+
+#: How long a receiver with more associations than another lets the other take a new connection.
+_YIELD_SECONDS = 0.005
+#: A connection accepted this recently may not show in live_acceptors() yet.
+_RECENT_SECONDS = 0.05
+
+
+class _SharedSocketServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server on a socket that is already listening."""
+
+    def __init__(self, *args: Any, listening: socket.socket, counts: AssociationCounts | None,
+                 **kwargs: Any) -> None:
+        self._listening = listening
+        self._counts = counts
+        self._accepted_at: deque[float] = deque(maxlen=16)
+        super().__init__(*args, **kwargs)
+        self.contexts = _ContextList(self.contexts)
+
+    def server_bind(self) -> None:
+        self.socket.close()  # the fresh socket TCPServer made: ours is already bound
+        self.socket = socket.socket(fileno=os.dup(self._listening.fileno()))
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # already listening
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        if self._counts is not None:
+            # Every receiver wakes for a new connection and the first to call accept() gets it: the
+            # busiest would take them all.  One that has more than another waits a moment first.
+            # Its own just-accepted connections count too (their association threads may not run yet).
+            now = time.monotonic()
+            recent = sum(1 for t in self._accepted_at if now - t < _RECENT_SECONDS)
+            if live_acceptors(self.ae) + recent > self._counts.fewest_elsewhere():
+                time.sleep(_YIELD_SECONDS)
+        client, address = self.socket.accept()
+        self._accepted_at.append(time.monotonic())
+        # An accepted socket must block (with the AE's network timeout), whatever the listener is.
+        client.settimeout(self.ae.network_timeout)
+        return client, address
+
+
+class DimseListener:
+    """The AE and its server in one process: handlers bound, TLS set up, stopped gracefully."""
+
+    def __init__(self, config: Config, audit: AuditTrail, ingestor: Ingestor, listening: socket.socket,
+                 counts: AssociationCounts | None = None) -> None:
+        self.config = config
+        self.audit = audit
+        self.ingestor = ingestor
+        self.listening = listening
+        self.counts = counts
+        self.ae = self._make_ae()
+        self._server: Any = None
+        self._publisher: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def _make_ae(self) -> AE:
+        n = self.config.node
+        ae = AE(ae_title=n.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ae.maximum_pdu_size = n.max_pdu_size
+        # Received datasets are spooled to a file as they arrive, never held whole in memory.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # The limit itself is checked (and audited) in handle_requested; pynetdicom's count also
+        # holds closed connections waiting out their ACSE timeout, so its ceiling is a safety net.
+        ae.maximum_associations = n.max_associations + 64
+        ae.acse_timeout = n.acse_timeout
+        ae.dimse_timeout = n.dimse_timeout
+        ae.network_timeout = n.network_timeout
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, preferred_transfer_syntaxes())
+        return ae
+
+    def _handlers(self) -> list[Any]:
+        n = self.config.node
+        acl = AccessList(self.config.peers, accept_unknown=n.accept_unknown_callers)
+        return [
+            (evt.EVT_CONN_OPEN, handle_conn_open, [n.max_pdu_size, self.audit]),
+            (evt.EVT_REQUESTED, handle_requested, [acl, n.ae_title, self.audit, n.max_associations, self.counts]),
+            (evt.EVT_ACCEPTED, handle_accepted, [self.audit]),
+            (evt.EVT_ABORTED, handle_aborted, [self.audit]),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [self.ingestor, self.audit]),
+        ]
+
+    def start(self) -> None:
+        """Serve on the shared socket (raises :class:`scp_node.tls.TLSConfigError` on a bad TLS setup)."""
+        from .tls import defer_handshakes, server_context
+
+        tls = server_context(self.config.node)
+        n = self.config.node
+        server = self.ae.make_server((n.host, n.port), ssl_context=tls, evt_handlers=self._handlers(),
+                                     server_class=_SharedSocketServer, listening=self.listening,
+                                     counts=self.counts)
+        if tls is not None:
+            defer_handshakes(server, tls)
+        thread = threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)
+        self._server = server
+        if self.counts is not None:
+            self._publisher = threading.Thread(target=self._publish_count, name="AssociationCount", daemon=True)
+            self._publisher.start()
+
+    def _publish_count(self) -> None:
+        """Keep this receiver's slot current as associations end (a request updates it at once)."""
+        assert self.counts is not None
+        while not self._stopped.wait(0.25):
+            self.counts.publish(live_acceptors(self.ae))
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting, let open associations end (a store in flight is answered), abort the rest."""
+        self._stopped.set()
+        if self._server is None:
+            return
+        self._server.shutdown()  # stops accepting here (the shared socket stays open for the others)
+        self._server = None
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self._open_associations():
+            time.sleep(0.1)
+        for assoc in self._open_associations():
+            log.warning("aborting an association still open at stop")
+            assoc.abort()
+        if self.counts is not None:
+            self.counts.publish(0)
+
+    def _open_associations(self) -> list[Any]:
+        # A connection that already closed (a port probe) keeps its thread until the ACSE
+        # timeout; it has nothing to finish (state Sta1), so it is not waited for.
+        return [a for a in self.ae.active_associations
+                if a.is_alive() and a.dul.state_machine.current_state != "Sta1"]
+
+
+class ReceiverProcesses:
+    """The node's child receivers: started after recovery, stopped (SIGTERM, then SIGKILL) at stop."""
+
+    def __init__(self, config: Config, listening: socket.socket, total: int) -> None:
+        self._ctx = multiprocessing.get_context("spawn")  # never fork a process that has threads
+        self.config = config
+        self.listening = listening
+        self.slots: Any = self._ctx.Array(ctypes.c_int, total, lock=False)
+        self._procs: list[Any] = []
+
+    def counts(self, slot: int) -> AssociationCounts:
+        return AssociationCounts(self.slots, slot)
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start the children and wait until each serves (or has died: then raise ListenError)."""
+        ready = []
+        for slot in range(1, len(self.slots)):
+            event = self._ctx.Event()
+            proc = self._ctx.Process(target=run_receiver, name=f"scp-node-receiver-{slot}", daemon=False,
+                                     args=(self.config, self.listening, self.slots, slot, os.getpid(),
+                                           logging.getLogger().getEffectiveLevel(), event))
+            proc.start()
+            self._procs.append(proc)
+            ready.append(event)
+        deadline = time.monotonic() + timeout
+        for proc, event in zip(self._procs, ready):
+            while not event.wait(0.2):
+                if not proc.is_alive() or time.monotonic() > deadline:
+                    self.terminate()
+                    self.join(10)
+                    raise ListenError(f"receiver process {proc.name} did not start (exit code {proc.exitcode})")
+        log.info("receiving in %d processes", len(self.slots))
+
+    def alive(self) -> int:
+        return sum(1 for p in self._procs if p.is_alive())
+
+    def terminate(self) -> None:
+        """SIGTERM each receiver: it stops accepting, finishes its associations and exits 0."""
+        for p in self._procs:
+            if p.is_alive():
+                p.terminate()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the receivers to exit; kill what is still running after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        for p in self._procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                log.warning("receiver %s did not stop in time; killing it", p.name)
+                p.kill()
+                p.join(5)
+        self._procs = []
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when the node process dies, however it dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the node died before the line above took effect
+        os._exit(1)
+
+
+def run_receiver(config: Config, listening: socket.socket, slots: Any, slot: int, parent_pid: int,
+                 log_level: int, ready: Any) -> None:
+    """A child receiver's whole life: serve DIMSE on the shared socket until SIGTERM."""
+    _die_with_parent(parent_pid)
+    from .cli import setup_logging
+    from .node import open_database
+
+    setup_logging(verbose=log_level <= logging.DEBUG)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops us in order
+    db, audit = open_database(config)
+    s = config.store
+    ingestor = Ingestor(db, s.storage_dir, audit, s.duplicate_policy, min_free_bytes=s.min_free_bytes,
+                        min_free_percent=s.min_free_percent)
+    listener = DimseListener(config, audit, ingestor, listening, AssociationCounts(slots, slot))
+    listener.start()
+    ready.set()
+    stop.wait()
+    listener.stop(grace=min(config.node.dimse_timeout, 30.0))
+    db.dispose()

@@ -1,0 +1,76 @@
+"""scp_node.listener: the shared port, the fast context copy, the association counts across receivers."""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+
+from scp_node import config as config_mod
+from scp_node.handlers.association import AssociationCounts
+from scp_node.listener import (DimseListener, ListenError, _ContextList, open_listening_socket,
+                               preferred_transfer_syntaxes, receiver_count)
+
+
+def _config(**node: object) -> config_mod.Config:
+    from pathlib import Path
+
+    return config_mod.from_mapping({"node": dict(node)}, Path("/tmp"), environ={})
+
+
+def test_receiver_count_auto_is_one_per_core_at_most_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert receiver_count(_config()) == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert receiver_count(_config()) == 2
+    assert receiver_count(_config(receiver_processes=1)) == 1
+    with pytest.raises(config_mod.ConfigError, match="receiver_processes"):
+        _config(receiver_processes=-1)
+
+
+def test_context_copy_equals_deepcopy_and_shares_nothing_mutable() -> None:
+    listener = DimseListener.__new__(DimseListener)
+    listener.config = _config()
+    contexts = listener._make_ae().supported_contexts
+    fast = copy.deepcopy(_ContextList(contexts))
+    slow = copy.deepcopy(contexts)
+    assert [vars(a) for a in fast] == [vars(b) for b in slow]
+    assert all(a is not b and a._transfer_syntax is not b._transfer_syntax for a, b in zip(fast, contexts))
+    fast[0].transfer_syntax = [fast[0].transfer_syntax[0]]  # an association narrowing its copy...
+    assert len(contexts[0].transfer_syntax) > 1  # ...leaves the server's contexts alone
+
+
+def test_preferred_transfer_syntaxes_put_compressed_first_and_implicit_last() -> None:
+    ts = preferred_transfer_syntaxes()
+    assert ts[-1] == "1.2.840.10008.1.2"
+    assert ts.index("1.2.840.10008.1.2.4.90") < ts.index("1.2.840.10008.1.2.1")
+
+
+def test_a_port_in_use_is_a_clear_listen_error() -> None:
+    taken = open_listening_socket("127.0.0.1", 0)
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}"):
+            open_listening_socket("127.0.0.1", port)
+    finally:
+        taken.close()
+
+
+def test_listening_socket_does_not_block_a_losing_receiver() -> None:
+    sock = open_listening_socket("127.0.0.1", 0)
+    try:
+        with pytest.raises(BlockingIOError):
+            sock.accept()  # no connection waiting: EAGAIN at once, never a blocked accept thread
+        assert isinstance(sock, socket.socket)
+    finally:
+        sock.close()
+
+
+def test_association_counts_sum_the_other_receivers() -> None:
+    slots = [0, 0, 0]
+    mine, other = AssociationCounts(slots, 0), AssociationCounts(slots, 2)
+    other.publish(3)
+    assert mine.total_with(2) == 5 and mine.fewest_elsewhere() == 0
+    mine.publish(2)
+    assert slots == [2, 0, 3] and other.fewest_elsewhere() == 0 and AssociationCounts(slots, 1).fewest_elsewhere() == 2
