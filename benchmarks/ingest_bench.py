@@ -4,7 +4,8 @@ scp_node, Orthanc and DCMTK ``storescp``, in one run on one machine.
 Each sender gets its own copy of the series with new Study/Series/SOP Instance UIDs (rewritten
 with pydicom into a temp folder first), so every receiver stores new data.  ``TCP_NODELAY=1`` is
 set for every DCMTK process and Orthanc.  Prints instances/s and MB/s per receiver, the ratios,
-and the node's memory (RSS) before and after; writes the figures to
+the CPU time per instance, and the memory (RSS, scp_node's receiver processes included) before and
+after; writes the figures to
 ``test-artifacts/ingest-bench.json``.
 
     python benchmarks/ingest_bench.py [--senders 4] [--rounds 1] [--only scp_node,orthanc,storescp]
@@ -61,19 +62,45 @@ def rewrite_copies(files: list[Path], out: Path, copies: int) -> list[list[Path]
     return result
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its live children (scp_node's receiver processes)."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
 def rss_mib(pid: int) -> dict[str, float]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            out[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    """Resident memory (current and peak) summed over the process and its children."""
+    out = {"VmRSS": 0.0, "VmHWM": 0.0}
+    for p in tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key = line.split(":")[0]
+                out[key] = round(out[key] + int(line.split()[1]) / 1024, 1)
     return out
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process and its waited-for children so far (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    user, system, child_user, child_system = (int(f) / os.sysconf("SC_CLK_TCK") for f in fields[11:15])
-    return user + child_user, system + child_system
+    """(user, system) CPU seconds so far of a process and its live children (from /proc)."""
+    user = system = 0.0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        u, s_, cu, cs = (int(f) / os.sysconf("SC_CLK_TCK") for f in fields[11:15])
+        user, system = user + u + cu, system + s_ + cs
+    return user, system
 
 
 def send_all(port: int, aec: str, batches: list[list[list[Path]]]) -> float:

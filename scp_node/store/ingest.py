@@ -14,6 +14,7 @@ sender sees Out of Resources and keeps its copy).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import logging
@@ -22,7 +23,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from io import BytesIO
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pydicom
@@ -248,7 +249,9 @@ class Ingestor:
         temporary name and fsynced first; a new instance gets its final name (and the folder its
         fsync) inside the transaction, before the commit.  A crash in between leaves a file the
         index does not know, which :meth:`recover` quarantines at the next start.  A replacement
-        (policy ``replace``) overwrites the old file only after the commit.
+        (policy ``replace``) is placed under a name of its own (``<sop>.<digest>.dcm``) in the same
+        way, and the old file is removed only after the commit: at no point does the index point
+        at a file that is not there.
         """
         path = self.storage_dir / rel
         size = data.stat().st_size if isinstance(data, Path) else len(data)
@@ -264,32 +267,31 @@ class Ingestor:
         except OSError as exc:
             _discard(staged)
             raise StorageFailure(f"cannot write file: {exc.strerror or exc}") from None
-        placed = False  # the staged file was renamed to its final name
+        placed: Path | None = None  # where the staged file was renamed to, before the commit
         committed = False
         try:
             for attempt in range(3):
                 try:
                     with self.db.session() as session:
-                        outcome, old_rel = self._decide_and_index(session.connection(), row, origin, audit_ids)
-                        if outcome is IngestOutcome.STORED:
-                            os.replace(staged, path)
-                            placed = True
-                            fsync_dir(path.parent)
+                        outcome, old_rel, new_rel = self._decide_and_index(session.connection(), row, origin,
+                                                                           audit_ids)
+                        if new_rel is not None:
+                            placed = self.storage_dir / new_rel
+                            os.replace(staged, placed)
+                            fsync_dir(placed.parent)
                     committed = True
                     break
                 except IntegrityError:
                     # Another process created the same patient/study/series row first: retry.
-                    if placed:
-                        os.replace(path, staged)
-                        placed = False
+                    if placed is not None:
+                        os.replace(placed, staged)
+                        placed = None
                     if attempt == 2:
                         raise
-            if outcome is IngestOutcome.REPLACED:
-                os.replace(staged, path)
-                fsync_dir(path.parent)
-                if old_rel is not None and old_rel != rel.as_posix():
-                    # The replaced copy lived under other study/series UIDs: nothing refers to it now.
-                    remove_quietly(self.storage_dir / old_rel)
+            if outcome is IngestOutcome.REPLACED and old_rel is not None:
+                # The index points at the new file now; the old one is no longer referred to. (A
+                # crash before this line leaves it unindexed: recover() quarantines it.)
+                remove_quietly(self.storage_dir / old_rel)
             return outcome
         except SQLAlchemyError as exc:
             raise StorageFailure(f"index write failed: {type(exc).__name__}") from None
@@ -297,31 +299,36 @@ class Ingestor:
             raise StorageFailure(f"cannot place file: {exc.strerror or exc}") from None
         finally:
             _discard(staged)  # a duplicate's bytes, or whatever a failure left
-            if placed and not committed:
-                _discard(path)
+            if placed is not None and not committed:
+                _discard(placed)
 
     def _decide_and_index(self, conn: Connection, row: InstanceRow, origin: Origin,
-                          audit_ids: dict[str, Any]) -> tuple[IngestOutcome, str | None]:
+                          audit_ids: dict[str, Any]) -> tuple[IngestOutcome, str | None, str | None]:
         """Inside the transaction: a duplicate is audited (the duplicate policy decides), anything
-        else gets its index rows and an audit row.  Returns the outcome and the replaced copy's path."""
+        else gets its index rows and an audit row.  Returns the outcome, the replaced copy's path
+        and the path the new file must get (None: keep no file)."""
         existing = find_instance(conn, row.sop_instance_uid)
-        old_rel = existing.path if existing is not None else None
         if existing is not None:
             if existing.sha256 == row.sha256:
                 add_audit(conn, self.audit.values(Event.INSTANCE_DUPLICATE, detail="identical bytes; ignored",
                                                   **audit_ids))
-                return IngestOutcome.DUPLICATE_IDENTICAL, None
+                return IngestOutcome.DUPLICATE_IDENTICAL, None, None
             if self.duplicate_policy == "keep_first":
                 add_audit(conn, self.audit.values(
                     Event.INSTANCE_DUPLICATE, outcome="warning",
                     detail="different bytes; first copy kept (policy keep_first)", **audit_ids))
-                return IngestOutcome.DUPLICATE_KEPT_FIRST, None
+                return IngestOutcome.DUPLICATE_KEPT_FIRST, None, None
+            if existing.path == row.path:  # same UIDs: the new copy needs a name of its own
+                name = f"{row.sop_instance_uid}.{row.sha256[:16]}.dcm"
+                row = dataclasses.replace(row, path=str(PurePosixPath(row.path).with_name(name)))
         index_instance(conn, row, existing)
         detail = f"{row.size} bytes via {origin.via}"
         if existing is not None:
             detail += "; replaced a different copy (policy replace)"
         add_audit(conn, self.audit.values(Event.INSTANCE_STORED, detail=detail, **audit_ids))
-        return (IngestOutcome.REPLACED if existing is not None else IngestOutcome.STORED), old_rel
+        if existing is None:
+            return IngestOutcome.STORED, None, row.path
+        return IngestOutcome.REPLACED, existing.path, row.path
 
 
 def _instance_row(ds: Dataset, rel: Path, size: int, digest: str, origin: Origin, sop_uid: str, sop_class: str,

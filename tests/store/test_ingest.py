@@ -180,6 +180,34 @@ def test_different_bytes_same_uid_replace(index_db: Database, storage_dir: Path,
     assert ingestor.ingest(second, ORIGIN) is IngestOutcome.DUPLICATE_IDENTICAL
 
 
+class _Crash(BaseException):
+    """Stands for kill -9: nothing after it runs (not even ``except Exception``)."""
+
+
+def test_replace_crash_after_commit_leaves_the_index_pointing_at_a_whole_file(
+        index_db: Database, storage_dir: Path, audit_trail: AuditTrail, monkeypatch: pytest.MonkeyPatch) -> None:
+    ingestor = Ingestor(index_db, storage_dir, audit_trail, "replace")
+    first, second = read_bytes(TS_CT_EXPLICIT), read_bytes(TS_CT_IMPLICIT)
+    uid = pydicom.dcmread(TS_CT_EXPLICIT, stop_before_pixels=True).SOPInstanceUID
+    ingestor.ingest(first, ORIGIN)
+    old_path = storage_dir / instance_row(index_db, uid).path
+
+    def crash(_path: Path) -> None:
+        raise _Crash()
+
+    monkeypatch.setattr("scp_node.store.ingest.remove_quietly", crash)  # the old file's removal never runs
+    with pytest.raises(_Crash):
+        ingestor.ingest(second, ORIGIN)
+    monkeypatch.undo()
+    row = instance_row(index_db, uid)
+    assert (storage_dir / row.path).read_bytes() == second  # committed: the index has the new, whole file
+    assert old_path.read_bytes() == first and row.sha256 == hashlib.sha256(second).hexdigest()
+    # At the next start the old copy, which nothing refers to, is quarantined (never deleted).
+    assert Ingestor(index_db, storage_dir, audit_trail).recover() == (0, 1)
+    assert stored_files(storage_dir) == [storage_dir / row.path]
+    assert (storage_dir.parent / "quarantine" / old_path.relative_to(storage_dir)).read_bytes() == first
+
+
 def test_replace_with_other_series_uid_leaves_no_orphan(index_db: Database, storage_dir: Path,
                                                         audit_trail: AuditTrail) -> None:
     ingestor = Ingestor(index_db, storage_dir, audit_trail, "replace")
