@@ -144,6 +144,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engine = build_engine(args.full, Path(tmp), batch, args.compile)
         print(f"device {engine._device}, dtype {engine._dtype}, new tokens {new_tokens}, batch 1 and {batch}")
+        if args.compile:
+            from scp_node.engine.warmup import warm_up
+
+            print(f"warm-up (as serve does with engine.compile): {warm_up(engine):.1f} s")
         baseline(engine, [chat(image)], 4)  # warm-up (allocator, kernels, compile)
         ours(engine, [chat(image)], 4, constrained=False)
         ours(engine, [chat(image)], 4, constrained=True)

@@ -12,6 +12,7 @@ associations storing at once those sleeps, not the work, set the pace.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Base
+
+log = logging.getLogger(__name__)
 
 
 class Database:
@@ -76,7 +79,12 @@ class Database:
         if self._lock_path is None:
             return
         if self._lock_fd is None:
-            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:  # e.g. another user's lock file: SQLite's busy handler still serialises
+                log.debug("no process lock on %s (%s): relying on SQLite's busy timeout", self._lock_path, exc)
+                self._lock_path = None
+                return
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
 
     def dispose(self) -> None:
