@@ -86,7 +86,7 @@ class _ContextList(list):  # type: ignore[type-arg]
     class with every transfer syntax (121 contexts, 5,445 UIDs) ``copy.deepcopy`` takes ~25 ms of
     CPU under the interpreter lock — per association, which is per instance for the many
     modalities that open one association per image.  UIDs are immutable strings, so a copy of each
-    context object with fresh lists is the same thing, about 50 times faster.
+    context object with fresh lists is the same thing, in ~0.13 ms.
     """
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
@@ -123,6 +123,10 @@ class _SharedSocketServer(ThreadedAssociationServer):
 
     def server_activate(self) -> None:
         pass  # already listening
+
+    def server_close(self) -> None:
+        # Only our descriptor: shutdown() would stop the listening socket for every receiver.
+        self.socket.close()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         if self._counts is not None:
