@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
@@ -247,19 +247,27 @@ class ReceiverProcesses:
         self.listening = listening
         self.slots: Any = self._ctx.Array(ctypes.c_int, total, lock=False)
         self._procs: list[Any] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._joined = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     def counts(self, slot: int) -> AssociationCounts:
         return AssociationCounts(self.slots, slot)
+
+    def _spawn(self, slot: int) -> tuple[Any, Any]:
+        event = self._ctx.Event()
+        proc = self._ctx.Process(target=run_receiver, name=f"scp-node-receiver-{slot}", daemon=False,
+                                 args=(self.config, self.listening, self.slots, slot, os.getpid(),
+                                       logging.getLogger().getEffectiveLevel(), event))
+        proc.start()
+        return proc, event
 
     def start(self, timeout: float = 120.0) -> None:
         """Start the children and wait until each serves (or has died: then raise ListenError)."""
         ready = []
         for slot in range(1, len(self.slots)):
-            event = self._ctx.Event()
-            proc = self._ctx.Process(target=run_receiver, name=f"scp-node-receiver-{slot}", daemon=False,
-                                     args=(self.config, self.listening, self.slots, slot, os.getpid(),
-                                           logging.getLogger().getEffectiveLevel(), event))
-            proc.start()
+            proc, event = self._spawn(slot)
             self._procs.append(proc)
             ready.append(event)
         deadline = time.monotonic() + timeout
@@ -271,14 +279,41 @@ class ReceiverProcesses:
                     raise ListenError(f"receiver process {proc.name} did not start (exit code {proc.exitcode})")
         log.info("receiving in %d processes", len(self.slots))
 
+    def supervise(self, on_restart: Callable[[int, int | None], None], interval: float = 2.0) -> None:
+        """Replace a receiver that dies (a crash, the OOM killer) while the node runs.
+
+        The watching thread lives until the receivers are joined at stop: a child's
+        ``PR_SET_PDEATHSIG`` fires when the *thread* that started it ends, so a replacement started
+        from a short-lived scheduler thread would be killed with that thread.
+        """
+        self._supervisor = threading.Thread(target=self._supervise, args=(on_restart, interval),
+                                            name="ReceiverSupervisor", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self, on_restart: Callable[[int, int | None], None], interval: float) -> None:
+        while not self._stopping.wait(interval):
+            with self._lock:
+                if self._stopping.is_set():
+                    break
+                for i, proc in enumerate(self._procs):
+                    if proc.is_alive():
+                        continue
+                    slot, code = i + 1, proc.exitcode
+                    self.slots[slot] = 0  # its associations died with it
+                    self._procs[i], _ready = self._spawn(slot)
+                    on_restart(slot, code)
+        self._joined.wait()  # keep the children's parent thread alive until they are gone
+
     def alive(self) -> int:
         return sum(1 for p in self._procs if p.is_alive())
 
     def terminate(self) -> None:
         """SIGTERM each receiver: it stops accepting, finishes its associations and exits 0."""
-        for p in self._procs:
-            if p.is_alive():
-                p.terminate()
+        with self._lock:
+            self._stopping.set()  # no replacement is started from now on
+            for p in self._procs:
+                if p.is_alive():
+                    p.terminate()
 
     def join(self, timeout: float) -> None:
         """Wait for the receivers to exit; kill what is still running after ``timeout`` seconds."""
@@ -290,6 +325,9 @@ class ReceiverProcesses:
                 p.kill()
                 p.join(5)
         self._procs = []
+        self._joined.set()
+        if self._supervisor is not None:
+            self._supervisor.join(5)
 
 
 def _die_with_parent(parent_pid: int) -> None:

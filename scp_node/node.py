@@ -216,6 +216,15 @@ class Node:
             self._listener.start()
         except (TLSConfigError, ListenError) as exc:
             raise StartupError(str(exc)) from None
+        if self._receivers is not None:
+            self._receivers.supervise(self._receiver_restarted)
+
+    def _receiver_restarted(self, slot: int, exit_code: int | None) -> None:
+        how = f"was killed by signal {-exit_code}" if exit_code is not None and exit_code < 0 else \
+            f"exited with code {exit_code}"
+        log.error("receiver process %d %s; a new one was started", slot, how)
+        self.audit.record(Event.RECEIVER_RESTARTED, outcome="failure", ae_title=self.config.node.ae_title,
+                          detail=f"receiver process {slot} {how}; a new one was started")
 
     def _lock_var_dir(self) -> None:
         """One node per storage: a second ``serve`` with the same config must not run the crash

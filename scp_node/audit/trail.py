@@ -45,6 +45,7 @@ class Event:
     WEB_UNAUTHORIZED = "web.unauthorized"  #: a DICOMweb request without a valid bearer token (401)
     NODE_STARTED = "node.started"
     NODE_STOPPED = "node.stopped"
+    RECEIVER_RESTARTED = "node.receiver_restarted"  #: a receiver process died and was replaced
 
 
 def _clean(text: str, limit: int) -> str:

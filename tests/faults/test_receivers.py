@@ -3,6 +3,7 @@ instance is indexed once, and no receiver outlives the node — not after SIGTER
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from tests.support.net import wait_for
 from tests.support.node import start_node, write_config
 from tests.support.paths import CT_DIR, need_data
 
-from .helpers import acknowledged, copy_series, indexed_sops, instance_counts, set_keys, sop_of, storescu
+from .helpers import acknowledged, copy_series, events, indexed_sops, instance_counts, set_keys, sop_of, storescu
 
 pytestmark = pytest.mark.integration
 
@@ -107,3 +108,25 @@ def test_sigterm_stops_every_receiver_and_exits_0(tmp_path: Path, node_port: int
     while time.monotonic() < deadline and any(_alive(c) for c in children):
         time.sleep(0.1)
     assert not any(_alive(c) for c in children)
+
+
+def test_a_receiver_that_dies_is_replaced_audited_and_the_node_keeps_serving(tmp_path: Path, node_port: int,
+                                                                             test_model_dir: Path,
+                                                                             counts: dict) -> None:
+    folder, node = _start(tmp_path, node_port, test_model_dir, receivers=2)
+    try:
+        [victim] = _children(node.proc.pid)
+        os.kill(victim, signal.SIGKILL)  # as the OOM killer would
+        wait_for(lambda: len([c for c in _children(node.proc.pid) if c != victim]) == 1, 30, interval=0.2,
+                 what="a new receiver")
+        [replacement] = [c for c in _children(node.proc.pid) if c != victim]
+        rows = events(folder, "node.receiver_restarted")
+        assert len(rows) == 1 and "killed by signal 9" in rows[0][2], rows
+        files = copy_series(sorted(need_data(CT_DIR).glob("*.dcm"))[:20], tmp_path / "ct")
+        senders = [storescu(node_port, files[i::2]) for i in range(2)]
+        acked = [f for s in senders for f in acknowledged(s.communicate(timeout=120)[0])]
+        assert len(acked) == 20 and instance_counts(folder) == (20, 20)
+    finally:
+        assert node.stop() == 0, node.output()[-3000:]
+    assert not _alive(replacement)
+    counts.update(receivers=2, killed=1, replaced=1, audit_rows=len(rows), stored_after=len(acked))
