@@ -167,6 +167,11 @@ class DimseListener:
         ae.maximum_pdu_size = n.max_pdu_size
         # Received datasets are spooled to a file as they arrive, never held whole in memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom's standard logging handlers format every PDU and DIMSE message whatever the
+        # log level (a few percent of a receiver's CPU); our audit records what matters. With
+        # `serve -v` (pynetdicom at DEBUG) they stay on.
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            _config.LOG_HANDLER_LEVEL = "none"
         # The limit itself is checked (and audited) in handle_requested; pynetdicom's count also
         # holds closed connections waiting out their ACSE timeout, so its ceiling is a safety net.
         ae.maximum_associations = n.max_associations + 64
