@@ -1,4 +1,4 @@
-"""The running node: one AE (the one place for network config), the index, the job loops.
+"""The running node: the DIMSE listener (scp_node.listener), the index, the job loops.
 
 :class:`Node` wires the data path together — handlers -> store -> scheduler -> engine -> report
 -> export — and owns their life cycle: ``start`` (recover interrupted work, load the model,
@@ -92,7 +92,6 @@ class Node:
         self._listener: Any = None
         self._receivers: Any = None
         self.scheduler = BackgroundScheduler(timezone="UTC")
-        self._server: Any = None
         self._engine: Any = None
         self._web: Any = None
         self._stopped = threading.Event()
