@@ -3,6 +3,7 @@ instance is indexed once, and no receiver outlives the node — not after SIGTER
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.net import wait_for
-from tests.support.node import start_node, write_config
+from tests.support.node import cli, start_node, write_config
 from tests.support.paths import CT_DIR, need_data
 
 from .helpers import acknowledged, copy_series, events, indexed_sops, instance_counts, set_keys, sop_of, storescu
@@ -60,6 +61,9 @@ def test_three_receivers_share_the_port_and_index_every_instance_once(tmp_path: 
     try:
         children = _children(node.proc.pid)
         assert len(children) == 2, children
+        # The heartbeat is written every 5 s; the first one at start already counts the receivers.
+        status = json.loads(cli("status", "--config", str(node.config), "--json").stdout)
+        assert status["receiver_processes"] == 3, status
         senders = [storescu(node_port, files) for files in series]
         outputs = [s.communicate(timeout=300)[0] for s in senders]
         acked = [f for out in outputs for f in acknowledged(out)]
