@@ -9,6 +9,7 @@ after; writes the figures to
 ``test-artifacts/ingest-bench.json``.
 
     python benchmarks/ingest_bench.py [--senders 4] [--rounds 1] [--only scp_node,orthanc,storescp]
+                                      [--association-per-instance]
 
 ``--rounds N`` sends N series per sender per receiver (memory over many instances: 4 senders x
 19 rounds x 133 = 10,108 instances).  scp_node runs as ``scp-node serve`` with the tiny test
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -103,10 +105,31 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return user, system
 
 
-def send_all(port: int, aec: str, batches: list[list[list[Path]]]) -> float:
+def send_all(port: int, aec: str, batches: list[list[list[Path]]], per_instance: bool = False) -> float:
     """One storescu per sender, all at once; each sender sends its batches in one association each
-    (as a modality sends a series); return the wall time until every sender is done."""
+    (as a modality sends a series); return the wall time until every sender is done.
+
+    ``per_instance``: each sender runs one storescu per file instead (one association per image,
+    as many CR/DX modalities do), so association set-up is part of every instance's cost."""
+    def sender(files: list[str], errors: list[str]) -> None:
+        for f in files:
+            r = subprocess.run(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port), f],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+            if r.returncode != 0:
+                errors.append(r.stdout.decode(errors="replace")[-2000:])
+
     start = time.perf_counter()
+    if per_instance:
+        errors: list[str] = []
+        threads = [threading.Thread(target=sender, args=([str(p) for b in sb for p in b], errors))
+                   for sb in batches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise RuntimeError(f"storescu failed: {errors[0]}")
+        return time.perf_counter() - start
     procs = []
     for sender_batches in batches:
         files = [str(p) for batch in sender_batches for p in batch]
@@ -121,12 +144,12 @@ def send_all(port: int, aec: str, batches: list[list[list[Path]]]) -> float:
 
 
 def run_target(name: str, start: Callable[[], tuple[int, str, Callable[[], None], int | None]],
-               batches: list[list[list[Path]]], n: int, size: int) -> dict[str, object]:
+               batches: list[list[list[Path]]], n: int, size: int, per_instance: bool = False) -> dict[str, object]:
     port, aec, stop, pid = start()
     try:
         before = rss_mib(pid) if pid else {}
         cpu0 = cpu_seconds(pid) if pid else (0.0, 0.0)
-        seconds = send_all(port, aec, batches)
+        seconds = send_all(port, aec, batches, per_instance)
         cpu1 = cpu_seconds(pid) if pid else (0.0, 0.0)
         user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
         after = rss_mib(pid) if pid else {}
@@ -151,6 +174,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--only", default="scp_node,orthanc,storescp")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder")
+    ap.add_argument("--association-per-instance", action="store_true",
+                    help="one storescu (one association) per file, as many CR/DX modalities send")
     ap.add_argument("--profile", type=Path, help="py-spy (collapsed stacks) of scp_node while it receives")
     args = ap.parse_args()
     targets = args.only.split(",")
@@ -209,7 +234,7 @@ def main() -> None:
 
         starters = {"scp_node": scp_node, "orthanc": orthanc, "storescp": storescp}
         for t in targets:
-            results[t] = run_target(t, starters[t], batches, n, size)
+            results[t] = run_target(t, starters[t], batches, n, size, args.association_per_instance)
         if "scp_node" in results:
             for other in ("orthanc", "storescp"):
                 if other in results:
@@ -219,6 +244,7 @@ def main() -> None:
         out = REPO / "test-artifacts" / "ingest-bench.json"
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({"senders": args.senders, "rounds": args.rounds, "instances": n,
+                                   "association_per_instance": args.association_per_instance,
                                    "megabytes": round(size / 1e6), "cpus": os.cpu_count(), "results": results},
                                   indent=2) + "\n")
         print(f"written {out.relative_to(REPO)}")

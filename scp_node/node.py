@@ -9,6 +9,7 @@ safe point, close the database).
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -190,6 +191,10 @@ class Node:
         self.scheduler.add_job(self._write_pid, trigger="interval", seconds=5, id="heartbeat", max_instances=1,
                                coalesce=True)
         self.scheduler.start()
+        # Everything loaded so far (torch, transformers, the model, the modules) lives as long as
+        # the process: out of the collector's sight, a full collection — which allocation-heavy
+        # association handling triggers often — no longer walks the whole heap each time.
+        gc.freeze()
         self._write_pid()
         ident = self._engine.identity
         self.audit.record(Event.NODE_STARTED, ae_title=c.node.ae_title, peer=f"{c.node.host}:{c.node.port}",
