@@ -44,24 +44,9 @@ ENV = dict(os.environ, TCP_NODELAY="1")
 
 def rewrite_copies(files: list[Path], out: Path, copies: int) -> list[list[Path]]:
     """``copies`` copies of the series, each with new UIDs."""
-    import pydicom
-    from pydicom.uid import generate_uid
+    from tests.faults.helpers import copy_series
 
-    result = []
-    for c in range(copies):
-        folder = out / f"copy{c:03d}"
-        folder.mkdir(parents=True)
-        study, series = generate_uid(), generate_uid()
-        paths = []
-        for i, f in enumerate(files):
-            ds = pydicom.dcmread(f)
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            p = folder / f"{i:04d}.dcm"
-            ds.save_as(p)
-            paths.append(p)
-        result.append(paths)
-    return result
+    return [copy_series(files, out / f"copy{c:03d}") for c in range(copies)]
 
 
 def tree(pid: int) -> list[int]:
