@@ -64,9 +64,10 @@ def defer_handshakes(server: Any, ctx: ssl.SSLContext) -> None:
     association thread's first read, under the same network timeout as any other read; a
     failure there is audited by the connection guard (:mod:`scp_node.handlers.association`).
     """
+    accept = server.get_request  # the server's own accept (scp_node.listener balances receivers there)
+
     def get_request() -> tuple[socket.socket, Any]:
-        client, address = server.socket.accept()
-        client.settimeout(server.ae.network_timeout)  # blocking with a timeout, whatever the listener is
+        client, address = accept()
         return ctx.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
 
     server.get_request = get_request
