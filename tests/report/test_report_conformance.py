@@ -8,12 +8,13 @@ Sequence (added to the standard later; IHE AIR requires it).
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from scp_node.report import build_measurement_report, write_report
+
+from .tools import DCIODVFY_EXPECTED_WARNINGS, run_tool
 
 LONG_TEXT = "\r\n".join(
     f"{i}. Lungs clear, no effusion, no pneumothorax, cardiomediastinal silhouette normal."
@@ -31,20 +32,6 @@ CASES = {
     "cxr_long_text": ("cxr_rg1", LONG_TEXT, False),
     "cxr_empty_text": ("cxr_rg1", "", True),
 }
-
-#: Warnings we accept, as substrings; anything else is reported in the failure message.
-EXPECTED_WARNINGS = (
-    "(0x0018,0x1002) UI Device UID",
-    "Standard Extended SOP Class",
-    "Retired Person Name form",
-    "needed to build DICOMDIR",
-    "Value is zero for value 1 of attribute <Patient's Weight>",
-)
-
-
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
-
 
 @pytest.fixture(scope="module")
 def written(
@@ -71,12 +58,12 @@ def written(
 def test_dciodvfy_has_no_errors(case, written, require_tool):
     dciodvfy = require_tool("dciodvfy")
     path, _ = written[case]
-    run = _run(dciodvfy, str(path))
+    run = run_tool(dciodvfy, str(path))
     lines = (run.stdout + run.stderr).splitlines()
     errors = [line for line in lines if line.startswith("Error")]
     assert run.returncode == 0 and not errors, "\n".join(errors)
     warnings = [line for line in lines if line.startswith("Warning")]
-    unexpected = [w for w in warnings if not any(e in w for e in EXPECTED_WARNINGS)]
+    unexpected = [w for w in warnings if not any(e in w for e in DCIODVFY_EXPECTED_WARNINGS)]
     assert not unexpected, "\n".join(unexpected)
 
 
@@ -84,7 +71,7 @@ def test_dciodvfy_has_no_errors(case, written, require_tool):
 def test_dsrdump_shows_tid1500(case, written, require_tool):
     dsrdump = require_tool("dsrdump")
     path, text = written[case]
-    run = _run(dsrdump, "+Pt", "+Pl", str(path))
+    run = run_tool(dsrdump, "+Pt", "+Pl", str(path))
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert "Comprehensive 3D SR Document" in out
@@ -104,7 +91,7 @@ def test_dsrdump_shows_tid1500(case, written, require_tool):
 def test_dsr2html_renders(case, written, require_tool):
     dsr2html = require_tool("dsr2html")
     path, text = written[case]
-    run = _run(dsr2html, str(path))
+    run = run_tool(dsr2html, str(path))
     assert run.returncode == 0, run.stderr
     assert "Imaging Measurement Report" in run.stdout
     assert "AI-generated content" in run.stdout

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -32,6 +31,7 @@ from scp_node.report.text import (
 )
 
 from .conftest import ROOT
+from .tools import DCIODVFY_EXPECTED_WARNINGS, run_tool
 
 ARTIFACTS = ROOT / "test-artifacts" / "report"
 
@@ -42,18 +42,7 @@ EFFUSION_BOX = (400, 100, 700, 450)
 PADDING_BOX = (100, 10, 200, 60)
 
 #: Dicom3tools' 2022 dictionary does not know private coding scheme designators.
-EXPECTED_WARNINGS = (
-    "(0x0018,0x1002) UI Device UID",
-    "Standard Extended SOP Class",
-    "Retired Person Name form",
-    "needed to build DICOMDIR",
-    "Value is zero for value 1 of attribute <Patient's Weight>",
-    "Unrecognized defined term <99SCPNODE>",
-)
-
-
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+EXPECTED_WARNINGS = DCIODVFY_EXPECTED_WARNINGS + ("Unrecognized defined term <99SCPNODE>",)
 
 
 def expected_source_box(rows: int, columns: int, box: tuple[int, int, int, int]) -> tuple[float, ...]:
@@ -143,7 +132,7 @@ def cases(cxr_rg1, cxr_mono1, ct_series, make_result, node, strict_writing_mode,
 @pytest.mark.parametrize("case", ["cxr_boxes", "ct_multi", "failed_parse", "chinese"])
 def test_dciodvfy_has_no_errors(case, cases, require_tool):
     path, _ = cases[case]
-    run = _run(require_tool("dciodvfy"), str(path))
+    run = run_tool(require_tool("dciodvfy"), str(path))
     lines = (run.stdout + run.stderr).splitlines()
     errors = [line for line in lines if line.startswith("Error")]
     assert run.returncode == 0 and not errors, "\n".join(errors)
@@ -154,7 +143,7 @@ def test_dciodvfy_has_no_errors(case, cases, require_tool):
 @pytest.mark.parametrize("case", ["cxr_boxes", "ct_multi", "failed_parse", "chinese"])
 def test_dsrdump_shows_tid1500_and_coded_findings(case, cases, require_tool):
     path, result = cases[case]
-    run = _run(require_tool("dsrdump"), "+Pt", "+Pl", str(path))
+    run = run_tool(require_tool("dsrdump"), "+Pt", "+Pl", str(path))
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert "# TID 1500" in out and "Verification Flag   : UNVERIFIED" in out
@@ -173,7 +162,7 @@ def test_dsrdump_shows_tid1500_and_coded_findings(case, cases, require_tool):
 
 def test_cxr_report_content(cases, require_tool):
     path, _ = cases["cxr_boxes"]
-    out = _run(require_tool("dsrdump"), "+Pt", "+Pl", str(path)).stdout
+    out = run_tool(require_tool("dsrdump"), "+Pt", "+Pl", str(path)).stdout
     assert '"Finding Site")=(90572001,SCT,"Lower lobe of lung")' in out
     assert '"Laterality")=(24028007,SCT,"Right")' in out
     assert '<contains NUM:(,,"Diameter")="42.0" (mm,UCUM,"mm")>' in out
@@ -266,7 +255,7 @@ def test_chinese_report(cases, require_tool):
     for expected in (REVIEW_STATEMENT_ZH, REVIEW_STATEMENT, TEST_MODEL_STATEMENT_ZH,
                      TEST_MODEL_STATEMENT, "右侧少量气胸。", "建议复查胸片。", "心影大小正常。"):
         assert expected in texts
-    out = _run(require_tool("dsrdump"), "+Pt", "+Pl", str(path)).stdout
+    out = run_tool(require_tool("dsrdump"), "+Pt", "+Pl", str(path)).stdout
     assert '"Image Quality")=(RID13,RADLEX,"Limited quality")' in out
     assert '"Finding Site")=(39607008,SCT,"Lung")' in out  # 右肺 = lung + right
     assert '"Finding Site")=(80891009,SCT,"Heart")' in out  # 心脏
@@ -275,7 +264,7 @@ def test_chinese_report(cases, require_tool):
 @pytest.mark.parametrize("case", ["cxr_boxes", "ct_multi", "failed_parse", "chinese"])
 def test_dsr2html_renders(case, cases, require_tool):
     path, result = cases[case]
-    run = _run(require_tool("dsr2html"), str(path))
+    run = run_tool(require_tool("dsr2html"), str(path))
     assert run.returncode == 0, run.stderr
     html = run.stdout
     assert "Imaging Measurement Report" in html and "AI-generated content" in html
@@ -355,5 +344,5 @@ def test_structured_answer_without_findings_keeps_the_text_and_validates(
     (group,) = read_report(path).content.get_image_measurement_groups()
     assert group.finding_type == codes.FINDING_TYPE
     assert result.findings_text in [i.TextValue for i in group[0].ContentSequence if i.ValueType == "TEXT"]
-    v = _run(require_tool("dciodvfy"), str(path))
+    v = run_tool(require_tool("dciodvfy"), str(path))
     assert v.returncode == 0 and not [ln for ln in (v.stdout + v.stderr).splitlines() if ln.startswith("Error")]
