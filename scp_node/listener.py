@@ -43,6 +43,7 @@ from .handlers import (AccessList, handle_aborted, handle_accepted, handle_conn_
                        handle_requested, handle_store)
 from .handlers.association import AssociationCounts, live_acceptors
 from .store.ingest import Ingestor
+from .upper_layer import WakingRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class _SharedSocketServer(ThreadedAssociationServer):
         self._counts = counts
         self._accepted_at: deque[float] = deque(maxlen=16)
         self._last_gc = time.monotonic()
+        kwargs.setdefault("request_handler", WakingRequestHandler)  # no 1 ms polling per association
         super().__init__(*args, **kwargs)
         self.contexts = _ContextList(self.contexts)
 

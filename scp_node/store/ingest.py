@@ -22,11 +22,9 @@ import os
 import shutil
 import threading
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -87,8 +85,7 @@ def parse_header(data: bytes) -> Dataset:
     header would accept an instance whose pixel data was cut off.
     """
     try:
-        check_complete(data)
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        ds = check_complete(data)  # one parse: values stay raw until the lines below read them
         # Touch the attributes we index so that a broken element fails here, not later.
         for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
             ds.get(kw)
@@ -115,6 +112,9 @@ def parse_header_file(path: Path) -> Dataset:
 
 
 _BLOCK = 1024 * 1024
+#: Spooled datasets up to this size are read into memory once to be checked, parsed and hashed;
+#: larger ones are parsed from the file with their large values skipped.
+IN_MEMORY_PARSE_LIMIT = 16 * 1024 * 1024
 
 
 def _sha256_file(path: Path) -> str:
@@ -210,13 +210,21 @@ class Ingestor:
         ``data`` is the bytes, or the path of a spooled Part 10 file (read in blocks, copied, left
         in place for the caller to remove).
         """
+        digest = ""
         if isinstance(data, Path):
             try:
                 size = data.stat().st_size
+                # A dataset of ordinary size is parsed and hashed from memory: reading a file
+                # element by element costs a system call (and a GIL hand-over) per element.
+                blob = data.read_bytes() if size <= IN_MEMORY_PARSE_LIMIT else None
             except OSError as exc:
                 raise StorageFailure(f"spooled dataset is unreadable: {exc.strerror or exc}") from None
             self.check_free_space(size)
-            ds = parse_header_file(data)
+            if blob is None:
+                ds = parse_header_file(data)
+            else:
+                ds, digest = parse_header(blob), sha256_hex(blob)
+                del blob
         else:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise InvalidInstance(f"not a byte string: {type(data).__name__}")
@@ -236,7 +244,7 @@ class Ingestor:
         if meta_sop and str(meta_sop) != sop_uid:
             raise InvalidInstance("MediaStorageSOPInstanceUID does not match SOPInstanceUID")
         rel = instance_path(study_uid, series_uid, sop_uid)
-        digest = _sha256_file(data) if isinstance(data, Path) else sha256_hex(data)
+        digest = digest or (_sha256_file(data) if isinstance(data, Path) else sha256_hex(data))
         with self._locks[hash(sop_uid) % len(self._locks)]:
             return self._keep(ds, data, digest, rel, origin, sop_uid, sop_class, study_uid, series_uid)
 

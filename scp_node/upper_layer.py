@@ -1,0 +1,236 @@
+"""Acceptor associations that sleep until there is something to do.
+
+pynetdicom runs every association on two threads that poll: the DICOM Upper Layer (DUL) thread
+sleeps 1 ms and checks its socket, the association thread sleeps 1 ms and checks for a DIMSE
+message.  That is about 4 % of a core per idle association (measured: four idle associations
+cost a server 0.88 s of CPU in 5 s), and under load each of those thousand wake-ups a second
+asks for the GIL, so every busy thread in the process is pre-empted again and again.  With
+four senders in one receiver process this polling cost more CPU than storing the data.
+
+Here the two threads wait instead of polling:
+
+* :class:`WakingUpperLayer` (the DUL) blocks in ``select`` on the peer's socket and a wake-up
+  pipe; the association thread writes to the pipe whenever it hands the DUL something to send.
+* :class:`WakingAssociation` waits on an event that the DUL sets after every state machine
+  action (a DIMSE message complete, a release or abort request, the DUL ending).
+
+Both still wake at least every :data:`POLL_INTERVAL` seconds so that the ARTIM, idle (network)
+and DIMSE timers keep firing as before.  Everything else -- the state machine, negotiation,
+the DIMSE service classes, the event handlers -- is pynetdicom's own; only the waiting changed.
+The association loop below repeats pynetdicom 3.0's ``Association._run_reactor`` check for
+check, with the 1 ms sleep replaced by the event.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import ssl
+import threading
+from copy import deepcopy
+from datetime import datetime
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import StateMachine
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+log = logging.getLogger(__name__)
+
+#: Longest wait without an event, in seconds: the granularity of the ARTIM and idle timers.
+POLL_INTERVAL = 0.05
+
+
+class _WakingStateMachine(StateMachine):
+    """pynetdicom's state machine; after each action the association thread is woken."""
+
+    def do_action(self, event: str) -> None:
+        try:
+            super().do_action(event)
+        finally:
+            wake = getattr(self.dul.assoc, "wake", None)
+            if wake is not None:
+                wake()
+
+
+class WakingUpperLayer(DULServiceProvider):
+    """The DUL thread of an acceptor association, waiting in ``select`` instead of sleeping.
+
+    pynetdicom's reactor loop is kept as it is; with ``_run_loop_delay`` at 0 its sleep is a bare
+    yield, and the wait happens in :meth:`_process_recv_primitive`, which the loop calls first on
+    every turn: when nothing is queued to send, no event is pending and the socket has no data,
+    it blocks until one of those changes (or the poll interval passes).
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self.state_machine = _WakingStateMachine(self)
+        self._run_loop_delay = 0
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def wake(self) -> None:
+        """Make a waiting DUL thread look at its queues now."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # pipe full (already woken) or closed (thread ended)
+            pass
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self.wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.wake()
+
+    def stop_dul(self) -> bool:
+        """As pynetdicom's: stop the reactor if it is in Sta1, waiting for the thread to end."""
+        if self.state_machine.current_state != "Sta1":
+            return False
+        self._kill_thread = True
+        self.wake()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+        return True
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            wake = getattr(self.assoc, "wake", None)
+            if wake is not None:
+                wake()  # the association thread sees at once that the DUL is gone
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._wake_r = self._wake_w = -1
+
+    def _process_recv_primitive(self) -> bool:
+        if not (self._kill_thread or self.to_provider_queue.qsize() or self.event_queue.qsize()):
+            self._wait()
+        return super()._process_recv_primitive()
+
+    def _wait(self) -> None:
+        """Block until the peer sent data, a primitive was queued, or the poll interval passed."""
+        fds: list[Any] = [self._wake_r]
+        raw = getattr(self.socket, "socket", None) if self.socket is not None else None
+        if raw is not None and getattr(self.socket, "_is_connected", False):
+            if isinstance(raw, ssl.SSLSocket) and raw.pending():
+                return  # decrypted bytes already buffered: select would not see them
+            fds.append(raw)
+        try:
+            ready, _, _ = select.select(fds, [], [], POLL_INTERVAL)
+        except (OSError, ValueError):  # the socket closed under us: let the loop find out
+            return
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+
+
+class WakingAssociation(Association):
+    """An acceptor association whose thread sleeps until its DUL has something for it."""
+
+    def __init__(self, ae: Any, mode: str) -> None:
+        self._wakeup = threading.Event()
+        super().__init__(ae, mode)
+        # Association.__init__ made a polling DUL and gave it the AE's timeouts: take those over.
+        polling, self.dul = self.dul, WakingUpperLayer(self)
+        self.dul._idle_timer, self.dul.artim_timer = polling._idle_timer, polling.artim_timer
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def kill(self) -> None:
+        self._wakeup.set()
+        super().kill()
+
+    def _run_reactor(self) -> None:
+        """pynetdicom 3.0's acceptor loop, waiting on :attr:`_wakeup` instead of sleeping 1 ms."""
+        self._is_paused = False
+        while not self._kill:
+            self._wakeup.wait(POLL_INTERVAL)
+            self._wakeup.clear()  # anything that happens from here on wakes the next wait
+
+            # Let send_*() calls from handlers pause the reactor (pynetdicom's checkpoint).
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+                self._wakeup.set()  # another message may have been queued before the clear
+                continue
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                log.debug("association released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires for subscribers
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                log.error("network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+class WakingRequestHandler(RequestHandler):
+    """pynetdicom's request handler, creating a :class:`WakingAssociation` for each connection.
+
+    :meth:`_create_association` is pynetdicom 3.0's, with the association class changed.
+    """
+
+    def _create_association(self) -> Association:
+        assoc = WakingAssociation(self.ae, MODE_ACCEPTOR)
+        assoc._server = self.server
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
+
+        acceptor = assoc.acceptor
+        acceptor.maximum_length = self.ae.maximum_pdu_size
+        acceptor.ae_title = self.server.ae_title
+        acceptor.address_info = self.local
+        acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        acceptor.implementation_version_name = self.ae.implementation_version_name
+        acceptor.supported_contexts = deepcopy(self.server.contexts)
+        assoc.requestor.address_info = self.remote
+
+        handlers = self.server._handlers
+        for event in handlers:
+            if event.is_intervention and handlers[event]:
+                assoc.bind(event, *handlers[event])
+            elif isinstance(event, evt.NotificationEvent):
+                for handler, args in handlers[event]:
+                    assoc.bind(event, handler, args)
+        return assoc
