@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, Callable
 
 from pydicom import config as pydicom_config
@@ -44,6 +45,10 @@ from .handlers import (AccessList, handle_aborted, handle_accepted, handle_conn_
 from .handlers.association import AssociationCounts, live_acceptors
 from .store.ingest import Ingestor
 from .upper_layer import WakingRequestHandler
+
+#: Spool folder for large incoming data sets, inside the storage folder (start-up recovery
+#: removes what a crash left there: the files are named ``.<random>.spool.tmp``).
+SPOOL_FOLDER = ".spool"
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +118,12 @@ class _SharedSocketServer(ThreadedAssociationServer):
     """pynetdicom's threaded association server on a socket that is already listening."""
 
     def __init__(self, *args: Any, listening: socket.socket, counts: AssociationCounts | None,
-                 **kwargs: Any) -> None:
+                 spool_dir: Path | None = None, **kwargs: Any) -> None:
         self._listening = listening
         self._counts = counts
+        #: Where data sets too large for memory are spooled (on the storage file system, so
+        #: that keeping one is a hard link, not a copy).
+        self.spool_dir = spool_dir
         self._accepted_at: deque[float] = deque(maxlen=16)
         self._last_gc = time.monotonic()
         kwargs.setdefault("request_handler", WakingRequestHandler)  # no 1 ms polling per association
@@ -186,8 +194,9 @@ class DimseListener:
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_pdu_size = n.max_pdu_size
-        # Received datasets are spooled to a file as they arrive, never held whole in memory.
-        _config.STORE_RECV_CHUNKED_DATASET = True
+        # Received data sets go to scp_node.dimse.DataSetBuffer (memory, or a spool file past
+        # 16 MiB), never to pynetdicom's per-instance temporary files.
+        _config.STORE_RECV_CHUNKED_DATASET = False
         # pynetdicom's standard logging handlers format every PDU and DIMSE message whatever the
         # log level (a few percent of a receiver's CPU); our audit records what matters. With
         # `serve -v` (pynetdicom at DEBUG) they stay on.
@@ -229,7 +238,7 @@ class DimseListener:
         n = self.config.node
         server = self.ae.make_server((n.host, n.port), ssl_context=tls, evt_handlers=self._handlers(),
                                      server_class=_SharedSocketServer, listening=self.listening,
-                                     counts=self.counts)
+                                     counts=self.counts, spool_dir=self.config.store.storage_dir / SPOOL_FOLDER)
         if tls is not None:
             defer_handshakes(server, tls)
         thread = threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer", daemon=True)

@@ -12,7 +12,8 @@ Here the two threads wait instead of polling:
 * :class:`WakingUpperLayer` (the DUL) blocks in ``select`` on the peer's socket and a wake-up
   pipe; the association thread writes to the pipe whenever it hands the DUL something to send.
 * :class:`WakingAssociation` waits on an event that the DUL sets after every state machine
-  action (a DIMSE message complete, a release or abort request, the DUL ending).
+  action (a DIMSE message complete, a release or abort request, the DUL ending).  Its DIMSE
+  provider receives data sets in memory or a spool file (:mod:`scp_node.dimse`).
 
 Both still wake at least every :data:`POLL_INTERVAL` seconds so that the ARTIM, idle (network)
 and DIMSE timers keep firing as before.  Everything else -- the state machine, negotiation,
@@ -30,6 +31,7 @@ import ssl
 import threading
 from copy import deepcopy
 from datetime import datetime
+from pathlib import Path
 from typing import Any, cast
 
 from pynetdicom import evt
@@ -38,6 +40,8 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from .dimse import ReceivingDIMSE
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,9 @@ class WakingUpperLayer(DULServiceProvider):
         try:
             super().run_reactor()
         finally:
+            discard = getattr(self.assoc.dimse, "discard_partial", None)
+            if discard is not None:
+                discard()  # a data set cut off with the connection: nothing more will arrive
             wake = getattr(self.assoc, "wake", None)
             if wake is not None:
                 wake()  # the association thread sees at once that the DUL is gone
@@ -139,12 +146,13 @@ class WakingUpperLayer(DULServiceProvider):
 class WakingAssociation(Association):
     """An acceptor association whose thread sleeps until its DUL has something for it."""
 
-    def __init__(self, ae: Any, mode: str) -> None:
+    def __init__(self, ae: Any, mode: str, spool_dir: Path | None = None) -> None:
         self._wakeup = threading.Event()
         super().__init__(ae, mode)
         # Association.__init__ made a polling DUL and gave it the AE's timeouts: take those over.
         polling, self.dul = self.dul, WakingUpperLayer(self)
         self.dul._idle_timer, self.dul.artim_timer = polling._idle_timer, polling.artim_timer
+        self.dimse = ReceivingDIMSE(self, spool_dir)
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -212,7 +220,7 @@ class WakingRequestHandler(RequestHandler):
     """
 
     def _create_association(self) -> Association:
-        assoc = WakingAssociation(self.ae, MODE_ACCEPTOR)
+        assoc = WakingAssociation(self.ae, MODE_ACCEPTOR, getattr(self.server, "spool_dir", None))
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))

@@ -3,18 +3,20 @@
 The encoded dataset from the association is written byte for byte (no decode/re-encode), so
 every transfer syntax a sender proposes is kept as is.  Success goes back only after
 :meth:`Ingestor.ingest` has made the file durable and committed the index row; any failure
-answers a failure status so the sender keeps its copy and resends.  With pynetdicom's
-``STORE_RECV_CHUNKED_DATASET`` the dataset arrives as a spooled file and is never held in memory.
+answers a failure status so the sender keeps its copy and resends.  The data set arrives in a
+:class:`scp_node.dimse.DataSetBuffer`: in memory, or a spool file once it is larger than 16 MiB.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pynetdicom import _config, evt
 
 from ..audit import AuditTrail, Event
+from ..dimse import take_dataset
 from ..status import StoreStatus, status_dataset
 from ..store.ingest import Ingestor, InvalidInstance, Origin, StorageFailure
 
@@ -26,9 +28,14 @@ def handle_store(event: evt.Event, ingestor: Ingestor, audit: AuditTrail) -> Dat
     rq = event.assoc.requestor
     origin = Origin(ae_title=str(rq.ae_title).strip(), address=str(rq.address), via="dimse")
     sop_uid = str(event.request.AffectedSOPInstanceUID or "")[:64]
+    buffer = take_dataset(event.request)
     try:
-        # Chunked receive (pynetdicom spooled the dataset to a file): check and copy it in blocks.
-        data = event.dataset_path if _config.STORE_RECV_CHUNKED_DATASET else event.encoded_dataset(include_meta=True)
+        if buffer is not None:  # received by scp_node.dimse: in memory, or spooled past 16 MiB
+            data: bytes | Path = buffer.path if buffer.path is not None else buffer.part10_bytes()
+        elif _config.STORE_RECV_CHUNKED_DATASET:  # pynetdicom's own spool file
+            data = event.dataset_path
+        else:
+            data = event.encoded_dataset(include_meta=True)
         ingestor.ingest(data, origin, expected_sop_class=str(event.context.abstract_syntax))
     except InvalidInstance as exc:
         status = (StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS if "does not match the presentation" in str(exc)
@@ -39,6 +46,9 @@ def handle_store(event: evt.Event, ingestor: Ingestor, audit: AuditTrail) -> Dat
     except Exception as exc:  # noqa: BLE001 - never answer success for an unexpected failure
         log.exception("C-STORE processing failed")
         return _refuse(audit, origin, sop_uid, StoreStatus.PROCESSING_FAILURE, type(exc).__name__)
+    finally:
+        if buffer is not None:
+            buffer.discard()  # a kept spool file was hard-linked into the storage first
     return status_dataset(StoreStatus.SUCCESS)
 
 

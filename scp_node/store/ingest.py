@@ -280,9 +280,8 @@ class Ingestor:
         try:
             for attempt in range(3):
                 try:
-                    with self.db.session() as session:
-                        outcome, old_rel, new_rel = self._decide_and_index(session.connection(), row, origin,
-                                                                           audit_ids)
+                    with self.db.transaction() as conn:
+                        outcome, old_rel, new_rel = self._decide_and_index(conn, row, origin, audit_ids)
                         if new_rel is not None:
                             placed = self.storage_dir / new_rel
                             os.replace(staged, placed)

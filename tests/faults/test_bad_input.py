@@ -216,10 +216,21 @@ def _raw_exchange(port: int, payload: bytes, wait: float = 5.0) -> bytes:
 
 
 def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """RSS of the node and its receiver processes (any of them may take an association)."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        total += sum(_rss_mib(int(child)) for child in children)
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return total + int(line.split()[1]) / 1024
+    except OSError:  # a receiver that just ended
+        pass
+    return total
 
 
 def test_connection_level_garbage_and_oversized_pdus(node: NodeProcess, tmp_path: Path, counts: dict) -> None:
