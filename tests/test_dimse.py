@@ -118,3 +118,27 @@ def test_a_real_association_receives_into_the_buffer(tmp_path: Path) -> None:
         assert ds.file_meta.SourceApplicationEntityTitle == "SENDER"
         assert ds.PixelData == source.PixelData
     assert not list((tmp_path / "spool").iterdir())
+
+
+def test_store_success_response_bytes_match_pynetdicom() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from scp_node.dimse import _store_success_command
+
+    for sop_class, sop, msg_id in [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 1),
+                                   ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.45", 65535)]:
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = msg_id
+        rsp.AffectedSOPClassUID = sop_class
+        rsp.AffectedSOPInstanceUID = sop
+        rsp.Status = 0x0000
+        msg = C_STORE_RSP()
+        msg.primitive_to_message(rsp)
+        assert _store_success_command(rsp) == encode(msg.command_set, True, True)
+        rsp.Status = 0xA700  # any other status (with its comment) goes through pynetdicom
+        assert _store_success_command(rsp) is None
+    request = C_STORE()
+    request.MessageID = 1
+    assert _store_success_command(request) is None  # a request, not a response
