@@ -34,8 +34,10 @@ from ..audit import AuditTrail, Event
 from .db import Database
 from .files import (UnsafeUID, check_uid, fsync_dir, instance_path, remove_quietly, sha256_hex, stage_bytes,
                     stage_file, temp_name)
+from .group_commit import GroupCommit
 from .index import InstanceRow, add_audit, find_instance, index_instance
 from .integrity import IncompleteDataset, check_complete, check_complete_file
+from .scan import scan_instance
 from .models import Instance, Report
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,10 @@ def parse_header(data: bytes) -> Dataset:
     header would accept an instance whose pixel data was cut off.
     """
     try:
-        ds = check_complete(data)  # one parse: values stay raw until the lines below read them
+        # The quick scan covers what modalities send; pydicom's whole parse decides the rest.
+        ds = scan_instance(data)
+        if ds is None:
+            ds = check_complete(data)  # one parse: values stay raw until the lines below read them
         # Touch the attributes we index so that a broken element fails here, not later.
         for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
             ds.get(kw)
@@ -133,6 +138,20 @@ def _discard(path: Path) -> None:
         pass
 
 
+@dataclass(eq=False)
+class _Unit:
+    """One store on its way into the index: its rows, its staged file and what became of it."""
+
+    row: InstanceRow
+    origin: Origin
+    audit_ids: dict[str, Any]
+    staged: Path
+    outcome: IngestOutcome | None = None
+    old_rel: str | None = None
+    placed: Path | None = None  # where the staged file was renamed to, before the commit
+    committed: bool = False
+
+
 @dataclass
 class Ingestor:
     """Keeps instances in ``storage_dir`` and indexes them in ``db``."""
@@ -146,8 +165,12 @@ class Ingestor:
     min_free_percent: float = 0.0
 
     def __post_init__(self) -> None:
-        # Same-UID races (two associations sending one instance) are serialised per process.
-        self._locks = [threading.Lock() for _ in range(64)]
+        # Same-UID races (two associations sending one instance) are serialised per process. A
+        # store waits under its lock until its commit is done (possibly in a shared batch), so
+        # there are enough of them that unrelated instances rarely share one.
+        self._locks = [threading.Lock() for _ in range(1024)]
+        #: Concurrent stores of this process share a transaction (see scp_node.store.group_commit).
+        self._group: GroupCommit[_Unit] = GroupCommit(self._commit, self._commit_one)
 
     def recover(self) -> tuple[int, int]:
         """At start: clear what a crash left half-done; return (tmp files removed, files quarantined).
@@ -252,8 +275,9 @@ class Ingestor:
               sop_class: str, study_uid: str, series_uid: str) -> IngestOutcome:
         """Stage the file durably, then decide and index in one transaction.
 
-        One write-locked transaction per instance (not a read one then a write one): the SQLite
-        write lock is the point every association queues on.  The file is staged under a
+        One write-locked transaction (not a read one then a write one), shared with the stores
+        that arrive while another commits (:mod:`scp_node.store.group_commit`): the SQLite write
+        lock is the point every association queues on.  The file is staged under a
         temporary name and fsynced first; a new instance gets its final name (and the folder its
         fsync) inside the transaction, before the commit.  A crash in between leaves a file the
         index does not know, which :meth:`recover` quarantines at the next start.  A replacement
@@ -266,48 +290,72 @@ class Ingestor:
         row = _instance_row(ds, rel, size, digest, origin, sop_uid, sop_class, study_uid, series_uid)
         audit_ids = dict(ae_title=origin.ae_title, peer=origin.address, study_uid=study_uid,
                          series_uid=series_uid, sop_uid=sop_uid, patient_id=row.patient["patient_id"])
-        staged = temp_name(path)
+        unit = _Unit(row, origin, audit_ids, temp_name(path))
         try:
             if isinstance(data, Path):
-                stage_file(staged, data)
+                stage_file(unit.staged, data)
             else:
-                stage_bytes(staged, data)
+                stage_bytes(unit.staged, data)
         except OSError as exc:
-            _discard(staged)
+            _discard(unit.staged)
             raise StorageFailure(f"cannot write file: {exc.strerror or exc}") from None
-        placed: Path | None = None  # where the staged file was renamed to, before the commit
-        committed = False
         try:
-            for attempt in range(3):
-                try:
-                    with self.db.transaction() as conn:
-                        outcome, old_rel, new_rel = self._decide_and_index(conn, row, origin, audit_ids)
-                        if new_rel is not None:
-                            placed = self.storage_dir / new_rel
-                            os.replace(staged, placed)
-                            fsync_dir(placed.parent)
-                    committed = True
-                    break
-                except IntegrityError:
-                    # Another process created the same patient/study/series row first: retry.
-                    if placed is not None:
-                        os.replace(placed, staged)
-                        placed = None
-                    if attempt == 2:
-                        raise
-            if outcome is IngestOutcome.REPLACED and old_rel is not None:
+            self._group.run(unit)  # alone, or in one transaction with concurrent stores
+            assert unit.outcome is not None
+            if unit.outcome is IngestOutcome.REPLACED and unit.old_rel is not None:
                 # The index points at the new file now; the old one is no longer referred to. (A
                 # crash before this line leaves it unindexed: recover() quarantines it.)
-                remove_quietly(self.storage_dir / old_rel)
-            return outcome
+                remove_quietly(self.storage_dir / unit.old_rel)
+            return unit.outcome
         except SQLAlchemyError as exc:
             raise StorageFailure(f"index write failed: {type(exc).__name__}") from None
         except OSError as exc:
             raise StorageFailure(f"cannot place file: {exc.strerror or exc}") from None
         finally:
-            _discard(staged)  # a duplicate's bytes, or whatever a failure left
-            if placed is not None and not committed:
-                _discard(placed)
+            if unit.placed is None:  # (once placed, the staged name is gone: no need to ask)
+                _discard(unit.staged)  # a duplicate's bytes, or whatever a failure left
+            elif not unit.committed:
+                _discard(unit.placed)
+
+    def _commit(self, units: list[_Unit]) -> None:
+        """One transaction for ``units``: decide and index each, give each new file its final
+        name, fsync each folder once, commit.  On failure every file is back under its staged
+        name (and nothing is committed) before the exception propagates."""
+        try:
+            with self.db.transaction() as conn:
+                folders: dict[Path, None] = {}
+                for unit in units:
+                    unit.outcome, unit.old_rel, new_rel = self._decide_and_index(conn, unit.row, unit.origin,
+                                                                                 unit.audit_ids)
+                    if new_rel is not None:
+                        unit.placed = self.storage_dir / new_rel
+                        os.replace(unit.staged, unit.placed)
+                        folders[unit.placed.parent] = None
+                for folder in folders:
+                    fsync_dir(folder)
+        except BaseException:
+            for unit in units:
+                if unit.placed is not None:
+                    try:
+                        os.replace(unit.placed, unit.staged)
+                    except OSError:
+                        pass
+                    unit.placed = None
+                unit.outcome = unit.old_rel = None
+            raise
+        for unit in units:
+            unit.committed = True
+
+    def _commit_one(self, unit: _Unit) -> None:
+        """:meth:`_commit` for one store, retried when another process created the same
+        patient, study or series row first (an IntegrityError on the insert)."""
+        for attempt in range(3):
+            try:
+                self._commit([unit])
+                return
+            except IntegrityError:
+                if attempt == 2:
+                    raise
 
     def _decide_and_index(self, conn: Connection, row: InstanceRow, origin: Origin,
                           audit_ids: dict[str, Any]) -> tuple[IngestOutcome, str | None, str | None]:

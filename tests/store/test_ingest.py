@@ -473,3 +473,43 @@ def test_recover_quarantines_unindexed_files_and_never_deletes_them(index_db: Da
     assert ingestor.recover() == (1, 1)
     assert not stray.exists() and sorted(storage_dir.rglob("*.dcm")) == stored
     assert (storage_dir.parent / "quarantine" / stray.relative_to(storage_dir)).read_bytes() == b"x"
+
+
+def test_concurrent_stores_share_commits_and_a_failing_one_fails_alone(
+        index_db: Database, storage_dir: Path, audit_trail: AuditTrail) -> None:
+    """Group commit with real rows and files: stores that arrive during a commit are committed
+    together; one that fails inside the shared transaction is retried alone and fails alone."""
+    import time as _time
+
+    payloads = [read_bytes(p) for p in CT_SLICES]
+    bad_sop = pydicom.dcmread(BytesIO(payloads[2]), stop_before_pixels=True).SOPInstanceUID
+
+    class SlowIngestor(Ingestor):
+        def _decide_and_index(self, conn, row, origin, audit_ids):  # type: ignore[no-untyped-def]
+            _time.sleep(0.03)  # a slow commit: the other stores queue behind it
+            if row.sop_instance_uid == bad_sop:
+                raise RuntimeError("this instance cannot be indexed")
+            return super()._decide_and_index(conn, row, origin, audit_ids)
+
+    ingestor = SlowIngestor(index_db, storage_dir, audit_trail, "keep_first")
+    barrier = threading.Barrier(len(payloads))
+    outcomes: dict[int, object] = {}
+
+    def send(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = ingestor.ingest(payloads[i], ORIGIN)
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(payloads))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert isinstance(outcomes[2], RuntimeError)
+    assert [outcomes[i] for i in range(len(payloads)) if i != 2] == [IngestOutcome.STORED] * (len(payloads) - 1)
+    assert count(index_db, Instance) == len(payloads) - 1
+    files = stored_files(storage_dir)
+    assert len(files) == len(payloads) - 1 and not [f for f in files if f.name.endswith(".tmp")]
+    assert ingestor._group.batches < ingestor._group.units  # some stores shared a transaction
