@@ -18,6 +18,7 @@ associations it has in a slot of a shared array, and a request is counted agains
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import logging
 import multiprocessing
@@ -85,6 +86,23 @@ def open_listening_socket(host: str, port: int) -> socket.socket:
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.setblocking(False)  # receivers race to accept: the losers get EAGAIN, not a blocked thread
     return sock
+
+
+def remember_uid_validity() -> None:
+    """Memoise :attr:`pydicom.uid.UID.is_valid` in this process.
+
+    pynetdicom's ``set_uid`` asks ``UID.is_valid`` (a regular expression, looked up in ``re``'s
+    cache on every call) for each UID it sets, several times per proposed presentation context:
+    about a thousand matches for an A-ASSOCIATE-RQ from storescu's 120 contexts, a sixth of a
+    one-image association's CPU (py-spy).  The same few hundred UIDs come in every association,
+    and validity depends on the string alone, so the answer is remembered (LRU, 8192 strings).
+    """
+    if getattr(UID, "_scp_node_remembered", False):
+        return
+    check = UID.is_valid.fget  # type: ignore[attr-defined]
+    remembered = functools.lru_cache(maxsize=8192)(lambda text: bool(check(UID(text))))
+    UID.is_valid = property(lambda self: remembered(str.__str__(self)))  # type: ignore[method-assign,assignment]
+    UID._scp_node_remembered = True  # type: ignore[attr-defined]
 
 
 class _ContextList(list):  # type: ignore[type-arg]
@@ -234,6 +252,7 @@ class DimseListener:
         # with one association per image that was a third of a receiver's CPU (py-spy).  Reading
         # validation only ever warns; the UIDs the node relies on are checked by store.files.check_uid.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        remember_uid_validity()
         tls = server_context(self.config.node)
         n = self.config.node
         server = self.ae.make_server((n.host, n.port), ssl_context=tls, evt_handlers=self._handlers(),

@@ -74,3 +74,18 @@ def test_association_counts_sum_the_other_receivers() -> None:
     assert mine.total_with(2) == 5 and mine.fewest_elsewhere() == 0
     mine.publish(2)
     assert slots == [2, 0, 3] and other.fewest_elsewhere() == 0 and AssociationCounts(slots, 1).fewest_elsewhere() == 2
+
+
+def test_remembered_uid_validity_answers_as_pydicom() -> None:
+    import re
+
+    from pydicom.uid import RE_VALID_UID, UID
+
+    from scp_node.listener import remember_uid_validity
+
+    remember_uid_validity()
+    remember_uid_validity()  # once is enough; twice changes nothing
+    samples = ["1.2.3", "1.2.840.10008.1.2.4.90", "1.2.03", "", "a.b", "1." + "2" * 70, "0.0", "1..2", "1.2."]
+    for text in samples * 2:  # the second round comes from the memo
+        expected = len(text) <= 64 and re.match(RE_VALID_UID, text) is not None
+        assert UID(text).is_valid is expected, text
