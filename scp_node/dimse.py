@@ -116,6 +116,34 @@ class ReceivingDIMSE(DIMSEServiceProvider):
             message.data_set = DataSetBuffer(self.spool_dir, lambda: self._header_for(message))
             self.message = message
         super().receive_primitive(primitive)
+        if self.serve_stores_here:
+            self._serve_store()
+
+    #: Serve a complete C-STORE request on the thread that received it (see :meth:`_serve_store`).
+    serve_stores_here = True
+
+    def _serve_store(self) -> None:
+        """Serve a C-STORE request that just became complete, on this (the DUL) thread.
+
+        pynetdicom hands each complete message to the association's own thread, and that thread
+        hands the response back to the DUL thread to be sent: two thread hand-overs (a wake-up
+        and a context switch each, and a fight for the GIL) for every instance.  A peer waits for
+        the response before it sends the next request (one operation at a time is all we
+        negotiate), so the DUL thread has nothing else to do meanwhile: it runs the storage
+        service itself, and the response it queues is sent on its next turn.  Anything but a
+        C-STORE request on an accepted context goes to the association thread as before.
+        """
+        queued = self.msg_queue
+        with queued.mutex:
+            if not queued.queue:
+                return
+            context_id, msg = queued.queue[0]
+            assoc = self.assoc
+            if (not isinstance(msg, C_STORE) or msg.MessageIDBeingRespondedTo is not None
+                    or context_id not in assoc._accepted_cx or assoc._sent_release or not assoc.is_established):
+                return
+            queued.queue.popleft()
+        assoc._serve_request(msg, context_id)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """Send a DIMSE message; a plain C-STORE success response is encoded directly.

@@ -11,9 +11,10 @@ Here the two threads wait instead of polling:
 
 * :class:`WakingUpperLayer` (the DUL) blocks in ``select`` on the peer's socket and a wake-up
   pipe; the association thread writes to the pipe whenever it hands the DUL something to send.
-* :class:`WakingAssociation` waits on an event that the DUL sets after every state machine
-  action (a DIMSE message complete, a release or abort request, the DUL ending).  Its DIMSE
-  provider receives data sets in memory or a spool file (:mod:`scp_node.dimse`).
+* :class:`WakingAssociation` waits on an event that the DUL sets when a state machine action
+  leaves something for it (a DIMSE message, a release or abort request, a new state, the DUL
+  ending).  Its DIMSE provider receives data sets in memory or a spool file and serves C-STORE
+  requests on the DUL thread itself (:mod:`scp_node.dimse`).
 
 Both still wake at least every :data:`POLL_INTERVAL` seconds so that the ARTIM, idle (network)
 and DIMSE timers keep firing as before.  Everything else -- the state machine, negotiation,
@@ -53,12 +54,20 @@ class _WakingStateMachine(StateMachine):
     """pynetdicom's state machine; after each action the association thread is woken."""
 
     def do_action(self, event: str) -> None:
+        state = self.current_state
         try:
             super().do_action(event)
         finally:
-            wake = getattr(self.dul.assoc, "wake", None)
-            if wake is not None:
-                wake()
+            # Wake the association thread only when there is something for it: a DIMSE message
+            # (a C-STORE was already served on the DUL thread), a primitive (release, abort), a
+            # new state.  Waking it for every PDU would cost a context switch each.
+            dul = self.dul
+            assoc = dul.assoc
+            if (state != self.current_state or dul.to_user_queue.qsize()
+                    or assoc.dimse.msg_queue.qsize()):
+                wake = getattr(assoc, "wake", None)
+                if wake is not None:
+                    wake()
 
 
 class WakingUpperLayer(DULServiceProvider):
@@ -159,10 +168,26 @@ class WakingAssociation(Association):
 
     def kill(self) -> None:
         self._wakeup.set()
+        if threading.current_thread() is self.dul:
+            # Called while the DUL thread serves a C-STORE (an abort from a handler): pynetdicom's
+            # kill() would wait for the DUL thread to reach Sta1 -- on that very thread. Mark the
+            # association dead; the association thread stops the DUL when its loop sees it.
+            self._reactor_checkpoint.set()
+            self._kill = True
+            self.is_established = False
+            self._is_paused = True
+            return
         super().kill()
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0's acceptor loop, waiting on :attr:`_wakeup` instead of sleeping 1 ms."""
+        try:
+            self._reactor_loop()
+        finally:
+            if self.dul.is_alive():  # killed from the DUL thread (see kill): stop it from here
+                super().kill()
+
+    def _reactor_loop(self) -> None:
         self._is_paused = False
         while not self._kill:
             self._wakeup.wait(POLL_INTERVAL)

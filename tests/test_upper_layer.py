@@ -136,3 +136,30 @@ def test_an_idle_association_costs_a_fraction_of_pynetdicoms_polling() -> None:
     # (The kernel counts thread CPU in 10 ms ticks: one tick is the least that can show.)
     assert polling >= 0.03, polling
     assert waiting <= max(0.01, polling / 4), (waiting, polling)
+
+
+def test_stores_are_served_on_the_dul_thread_and_a_handler_may_abort() -> None:
+    """C-STOREs run on the DUL thread (no hand-over); an abort from there neither hangs nor leaks."""
+    threads: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        threads.append(threading.current_thread().name)
+        if len(threads) == 3:
+            event.assoc.abort()
+        return 0x0000
+
+    server = _server(True, [(evt.EVT_C_STORE, on_store)])
+    try:
+        assoc = _requestor().associate("127.0.0.1", server.server_address[1], ae_title="UPPERLAYER")
+        assert assoc.send_c_store(_dataset()).Status == 0x0000
+        (acceptor,) = server.active_associations
+        assert threads == [acceptor.dul.name]
+        assert assoc.send_c_store(_dataset()).Status == 0x0000
+        assoc.send_c_store(_dataset())  # the third: the handler aborts
+        deadline = time.monotonic() + 5
+        while (assoc.is_established or server.active_associations) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert assoc.is_aborted
+        assert not server.active_associations and not acceptor.dul.is_alive()
+    finally:
+        server.shutdown()
