@@ -8,7 +8,7 @@ the CPU time per instance, and the memory (RSS, scp_node's receiver processes in
 after; writes the figures to
 ``test-artifacts/ingest-bench.json``.
 
-    python benchmarks/ingest_bench.py [--senders 4] [--rounds 1] [--only scp_node,orthanc,storescp]
+    python benchmarks/ingest_bench.py [--senders 4] [--rounds 1] [--repeat 1] [--only scp_node,orthanc,storescp]
                                       [--association-per-instance]
 
 ``--rounds N`` sends N series per sender per receiver (memory over many instances: 4 senders x
@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,6 +158,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--senders", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every receiver N times, alternating, and report medians (this box varies by 15-20%%)")
     ap.add_argument("--only", default="scp_node,orthanc,storescp")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder")
     ap.add_argument("--association-per-instance", action="store_true",
@@ -176,7 +179,7 @@ def main() -> None:
         results: dict[str, dict[str, object]] = {}
 
         def scp_node() -> tuple[int, str, Callable[[], None], int | None]:
-            folder = work / "scp_node"
+            folder = work / f"scp_node-{rep}"
             folder.mkdir()
             model = work / "model"
             if not model.exists():
@@ -201,11 +204,11 @@ def main() -> None:
             return port, "SCPNODE", stop, node.proc.pid
 
         def orthanc() -> tuple[int, str, Callable[[], None], int | None]:
-            o = start_orthanc(work / "orthanc", {})
+            o = start_orthanc(work / f"orthanc-{rep}", {})
             return o.dicom_port, "ORTHANC", o.stop, o.proc.pid
 
         def storescp() -> tuple[int, str, Callable[[], None], int | None]:
-            out = work / "storescp"
+            out = work / f"storescp-{rep}"
             out.mkdir()
             port = free_port()
             p = subprocess.Popen(["/usr/bin/storescp", "--fork", "-od", str(out), str(port)], env=ENV,
@@ -218,17 +221,30 @@ def main() -> None:
             return port, "STORESCP", stop, None
 
         starters = {"scp_node": scp_node, "orthanc": orthanc, "storescp": storescp}
-        for t in targets:
-            results[t] = run_target(t, starters[t], batches, n, size, args.association_per_instance)
-        if "scp_node" in results:
+        runs: dict[str, list[dict[str, object]]] = {t: [] for t in targets}
+        ratios: dict[str, list[float]] = {}
+        for rep in range(args.repeat):
+            if args.repeat > 1:
+                print(f"-- run {rep + 1} of {args.repeat}", flush=True)
+            for t in targets:
+                runs[t].append(run_target(t, starters[t], batches, n, size, args.association_per_instance))
             for other in ("orthanc", "storescp"):
-                if other in results:
-                    ratio = float(results["scp_node"]["instances_per_s"]) / float(results[other]["instances_per_s"])
-                    results["scp_node"][f"ratio_vs_{other}"] = round(ratio, 2)
-                    print(f"scp_node / {other}: {ratio:.2f}x")
+                if "scp_node" in targets and other in targets:
+                    ratio = float(runs["scp_node"][-1]["instances_per_s"]) / float(runs[other][-1]["instances_per_s"])
+                    ratios.setdefault(other, []).append(ratio)
+                    print(f"scp_node / {other}: {ratio:.2f}x", flush=True)
+        for t in targets:  # the median run of each receiver (by rate), with every run kept
+            ordered = sorted(runs[t], key=lambda r: float(r["instances_per_s"]))  # type: ignore[arg-type]
+            results[t] = dict(ordered[len(ordered) // 2], runs=runs[t])
+        for other, values in ratios.items():
+            results["scp_node"][f"ratio_vs_{other}"] = round(statistics.median(values), 2)
+            results["scp_node"][f"ratios_vs_{other}"] = [round(v, 2) for v in values]
+            if args.repeat > 1:
+                print(f"scp_node / {other} over {len(values)} paired runs: median {statistics.median(values):.2f}x "
+                      f"(range {min(values):.2f}-{max(values):.2f})")
         out = REPO / "test-artifacts" / "ingest-bench.json"
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"senders": args.senders, "rounds": args.rounds, "instances": n,
+        out.write_text(json.dumps({"senders": args.senders, "rounds": args.rounds, "repeat": args.repeat, "instances": n,
                                    "association_per_instance": args.association_per_instance,
                                    "megabytes": round(size / 1e6), "cpus": os.cpu_count(), "results": results},
                                   indent=2) + "\n")

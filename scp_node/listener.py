@@ -126,6 +126,7 @@ class _ContextList(list):  # type: ignore[type-arg]
 
 #: How long a receiver with more associations than another lets the other take a new connection.
 _YIELD_SECONDS = 0.005
+_YIELD_TRIES = 4
 #: A connection accepted this recently may not show in live_acceptors() yet.
 _RECENT_SECONDS = 0.05
 #: How often a receiver runs a full garbage collection (see _SharedSocketServer.service_actions).
@@ -175,17 +176,25 @@ class _SharedSocketServer(ThreadedAssociationServer):
             self._last_gc = now
             gc.collect()
 
+    def _load(self) -> int:
+        """Live associations, plus connections accepted so recently that they may not show yet."""
+        now = time.monotonic()
+        return live_acceptors(self.ae) + sum(1 for t in self._accepted_at if now - t < _RECENT_SECONDS)
+
     def get_request(self) -> tuple[socket.socket, Any]:
         if self._counts is not None:
             # Every receiver wakes for a new connection and the first to call accept() gets it: the
-            # busiest would take them all.  One that has more than another waits a moment first.
-            # Its own just-accepted connections count too (their association threads may not run yet).
-            now = time.monotonic()
-            recent = sum(1 for t in self._accepted_at if now - t < _RECENT_SECONDS)
-            if live_acceptors(self.ae) + recent > self._counts.fewest_elsewhere():
+            # busiest would take them all, and one process (one GIL) with three of four senders
+            # sets the pace for all of them.  One that has more than another waits (up to 20 ms)
+            # for the less busy one to take it, then takes it itself if it is still there.
+            for _ in range(_YIELD_TRIES):
+                if self._load() <= self._counts.fewest_elsewhere():
+                    break
                 time.sleep(_YIELD_SECONDS)
         client, address = self.socket.accept()
         self._accepted_at.append(time.monotonic())
+        if self._counts is not None:
+            self._counts.publish(self._load())  # at once: the others decide on it for the next one
         # An accepted socket must block (with the AE's network timeout), whatever the listener is.
         client.settimeout(self.ae.network_timeout)
         return client, address
@@ -272,7 +281,8 @@ class DimseListener:
         """Keep this receiver's slot current as associations end (a request updates it at once)."""
         assert self.counts is not None
         while not self._stopped.wait(0.25):
-            self.counts.publish(live_acceptors(self.ae))
+            server = self._server
+            self.counts.publish(server._load() if server is not None else live_acceptors(self.ae))
 
     def stop(self, grace: float) -> None:
         """Stop accepting, let open associations end (a store in flight is answered), abort the rest."""
