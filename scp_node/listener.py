@@ -193,8 +193,6 @@ class _SharedSocketServer(ThreadedAssociationServer):
                 time.sleep(_YIELD_SECONDS)
         client, address = self.socket.accept()
         self._accepted_at.append(time.monotonic())
-        if self._counts is not None:
-            self._counts.publish(self._load())  # at once: the others decide on it for the next one
         # An accepted socket must block (with the AE's network timeout), whatever the listener is.
         client.settimeout(self.ae.network_timeout)
         return client, address
@@ -281,8 +279,8 @@ class DimseListener:
         """Keep this receiver's slot current as associations end (a request updates it at once)."""
         assert self.counts is not None
         while not self._stopped.wait(0.25):
-            server = self._server
-            self.counts.publish(server._load() if server is not None else live_acceptors(self.ae))
+            # Live associations only: the slots are what max_associations is checked against.
+            self.counts.publish(live_acceptors(self.ae))
 
     def stop(self, grace: float) -> None:
         """Stop accepting, let open associations end (a store in flight is answered), abort the rest."""
