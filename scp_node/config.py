@@ -38,7 +38,7 @@ class NodeConfig:
     max_pdu_size: int = 1_048_576
     max_associations: int = 16
     #: Processes that receive DIMSE on the node's port (the node's own plus children that only
-    #: receive); 0 means one per CPU core, at most 4. See scp_node.listener.
+    #: receive); 0 means one per CPU core, at most 4. See scp_node.receivers.
     receiver_processes: int = 0
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0

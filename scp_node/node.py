@@ -204,7 +204,8 @@ class Node:
 
     def _listen(self) -> None:
         """Open the port and start receiving: here, and in the child receiver processes."""
-        from .listener import DimseListener, ListenError, ReceiverProcesses, open_listening_socket, receiver_count
+        from .listener import DimseListener, ListenError, open_listening_socket
+        from .receivers import ReceiverProcesses, receiver_count
         from .tls import TLSConfigError, server_context
 
         c = self.config

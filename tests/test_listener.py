@@ -10,7 +10,8 @@ import pytest
 from scp_node import config as config_mod
 from scp_node.handlers.association import AssociationCounts
 from scp_node.listener import (DimseListener, ListenError, _ContextList, open_listening_socket,
-                               preferred_transfer_syntaxes, receiver_count)
+                               preferred_transfer_syntaxes)
+from scp_node.receivers import receiver_count
 
 
 def _config(**node: object) -> config_mod.Config:
