@@ -51,7 +51,7 @@ POLL_INTERVAL = 0.05
 
 
 class _WakingStateMachine(StateMachine):
-    """pynetdicom's state machine; after each action the association thread is woken."""
+    """pynetdicom's state machine; wakes the association thread when an action leaves it work."""
 
     def do_action(self, event: str) -> None:
         state = self.current_state
@@ -84,13 +84,17 @@ class WakingUpperLayer(DULServiceProvider):
         self.state_machine = _WakingStateMachine(self)
         self._run_loop_delay = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()  # no write to a closed (and maybe reused) descriptor
 
     def wake(self) -> None:
         """Make a waiting DUL thread look at its queues now."""
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):  # pipe full (already woken) or closed (thread ended)
-            pass
+        with self._wake_lock:
+            if self._wake_w < 0:  # the thread has ended
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):  # pipe full: already woken
+                pass
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -120,12 +124,13 @@ class WakingUpperLayer(DULServiceProvider):
             wake = getattr(self.assoc, "wake", None)
             if wake is not None:
                 wake()  # the association thread sees at once that the DUL is gone
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._wake_r = self._wake_w = -1
+            with self._wake_lock:
+                for fd in (self._wake_r, self._wake_w):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                self._wake_r = self._wake_w = -1
 
     def _process_recv_primitive(self) -> bool:
         if not (self._kill_thread or self.to_provider_queue.qsize() or self.event_queue.qsize()):
