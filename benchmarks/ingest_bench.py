@@ -191,7 +191,7 @@ def main() -> None:
             node = start_node(config, port, timeout=300)
             spy = None
             if args.profile:
-                spy = subprocess.Popen(["py-spy", "record", "-p", str(node.proc.pid), "-r", "250", "--gil", "--threads",
+                spy = subprocess.Popen(["py-spy", "record", "-p", str(node.proc.pid), "-r", "250", "--gil", "--threads", "--subprocesses",
                                         "--format", "raw", "-o", str(args.profile), "--nonblocking"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)

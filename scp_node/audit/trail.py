@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from ..store.db import Database
@@ -52,6 +53,9 @@ def _clean(text: str, limit: int) -> str:
     return str(text).replace("\r", " ").replace("\n", " ")[:limit]
 
 
+_INSERT = insert(AuditEvent.__table__)
+
+
 @dataclass
 class AuditTrail:
     """Adds audit rows, either inside the caller's transaction or in a transaction of its own."""
@@ -82,7 +86,7 @@ class AuditTrail:
     def record(self, event: str, **kwargs: object) -> None:
         """Add a row in its own transaction. Never raises: an audit failure is logged, not fatal."""
         try:
-            with self.db.session() as session:
-                self.add(session, event, **kwargs)  # type: ignore[arg-type]
+            with self.db.transaction() as conn:  # a Core insert: no ORM session for one row
+                conn.execute(_INSERT, self.values(event, **kwargs))  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - the data path must not die because the audit write did
             log.exception("could not write audit event %s", event)
