@@ -31,12 +31,14 @@ from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from .store.ingest import IN_MEMORY_PARSE_LIMIT
 from .store.part10 import part10_header
 
 log = logging.getLogger(__name__)
 
-#: Data sets up to this size are received in memory; larger ones are spooled to disk.
-IN_MEMORY_LIMIT = 16 * 1024 * 1024
+#: Data sets up to this size are received in memory; larger ones are spooled to disk.  The same
+#: bound as the ingest's in-memory parse: a spooled file is always parsed from disk.
+IN_MEMORY_LIMIT = IN_MEMORY_PARSE_LIMIT
 
 
 class DataSetBuffer(io.BytesIO):
