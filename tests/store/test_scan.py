@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from scp_node.store.integrity import IncompleteDataset, check_complete
 from scp_node.store.ingest import InvalidInstance, parse_header
 from scp_node.store.scan import INDEXED_TAGS, scan_instance
-from tests.support.paths import DATA, need_data
+from tests.support.paths import CT_DIR, DATA, need_data
 
 KEYWORDS = [pydicom.datadict.keyword_for_tag(t) for t in sorted(INDEXED_TAGS)]
 
@@ -57,6 +57,41 @@ def test_scan_reads_what_pydicom_reads_on_real_files() -> None:
         assert ds.file_meta.TransferSyntaxUID == expected.file_meta.TransferSyntaxUID, path
         assert ds.file_meta.get("MediaStorageSOPInstanceUID") == expected.file_meta.get("MediaStorageSOPInstanceUID"), path
     assert scanned >= 40, (scanned, fallback)  # the scan is the common path, not the exception
+
+
+def test_character_sets_decode_as_pydicom_decodes_them() -> None:
+    """pydicom's character set files (Japanese, Korean, Greek, Arabic, ISO 2022 escapes, several
+    character sets at once): every indexed value reads the same as pydicom reads it; the
+    non-ASCII names went through pydicom's own decoding."""
+    folder = Path(pydicom.__file__).parent / "data" / "charset_files"
+    checked = non_ascii = 0
+    for path in sorted(folder.glob("chr*.dcm")):
+        data = path.read_bytes()
+        ds = scan_instance(data)
+        if ds is None:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+            assert _values(ds) == _values(expected), path
+        checked += 1
+        non_ascii += not str(ds.get("PatientName", "")).isascii()
+    assert checked >= 15 and non_ascii >= 10, (checked, non_ascii)
+
+
+def test_plain_values_are_read_without_pydicom() -> None:
+    """The common case -- ASCII values -- never builds pydicom's data set (the point of the scan);
+    Instance Number reads as pydicom's IS does."""
+    path = sorted(need_data(CT_DIR).glob("*.dcm"))[0]
+    data = path.read_bytes()
+    ds = scan_instance(data)
+    assert ds is not None
+    expected = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+    assert _values(ds) == _values(expected)
+    assert ds._dataset is None  # nothing fell back to pydicom
+    assert int(ds.get("InstanceNumber")) == int(expected.InstanceNumber)
+    assert ds.file_meta.TransferSyntaxUID == expected.file_meta.TransferSyntaxUID
+    assert ds.get("NotIndexed", "default") == "default"
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "rtplan.dcm", "reportsi.dcm", "JPEG2000-embedded-sequence-delimiter.dcm",
