@@ -16,6 +16,12 @@ Here the two threads wait instead of polling:
   ending).  Its DIMSE provider receives data sets in memory or a spool file and serves C-STORE
   requests on the DUL thread itself (:mod:`scp_node.dimse`).
 
+A P-DATA-TF PDU received on an established association (Sta6 + Evt10, action DT-2: "pass the
+data to DIMSE", no change of state) is handed to DIMSE as it is read (:meth:`_read_pdu_data`),
+without the decoded PDU object, the event queue and the state machine turn in between; every
+other PDU, and P-DATA whenever an event is pending or a handler watches PDUs, data or
+transitions, takes pynetdicom's way.
+
 Both still wake at least every :data:`POLL_INTERVAL` seconds so that the ARTIM, idle (network)
 and DIMSE timers keep firing as before.  Everything else -- the state machine, negotiation,
 the DIMSE service classes, the event handlers -- is pynetdicom's own; only the waiting changed.
@@ -29,6 +35,7 @@ import logging
 import os
 import select
 import ssl
+import struct
 import threading
 from copy import deepcopy
 from datetime import datetime
@@ -40,6 +47,7 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from .dimse import ReceivingDIMSE
@@ -48,6 +56,34 @@ log = logging.getLogger(__name__)
 
 #: Longest wait without an event, in seconds: the granularity of the ARTIM and idle timers.
 POLL_INTERVAL = 0.05
+
+_PDU_HEADER = struct.Struct(">BBL")
+_ITEM_LENGTH = struct.Struct(">L")
+_PDU_TYPES = frozenset({0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07})
+_P_DATA_TF = 0x04
+#: Handlers of these events need pynetdicom's decoded PDU and its state machine turn.
+_WATCHING_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
+
+
+def pdv_items(body: bytearray | bytes) -> list[list[Any]] | None:
+    """The presentation data values of a P-DATA-TF PDU body as ``[context ID, data]`` pairs, the
+    data (message control header first) as views into ``body``, not copies.
+
+    ``None`` when an item is not well formed (shorter than its context ID and control header,
+    or running past the PDU): pynetdicom's decoder then handles the PDU and its error path.
+    """
+    items: list[list[Any]] = []
+    view = memoryview(body)
+    pos, end = 0, len(body)
+    while pos < end:
+        if pos + 4 > end:
+            return None
+        length = _ITEM_LENGTH.unpack_from(body, pos)[0]
+        start, pos = pos + 4, pos + 4 + length
+        if length < 2 or pos > end:
+            return None
+        items.append([body[start], view[start + 1:pos]])
+    return items or None
 
 
 class _WakingStateMachine(StateMachine):
@@ -131,6 +167,68 @@ class WakingUpperLayer(DULServiceProvider):
                     except OSError:
                         pass
                 self._wake_r = self._wake_w = -1
+
+    def _read_pdu_data(self) -> None:
+        """Read one PDU: pynetdicom's ``_read_pdu_data``, step for step, but a P-DATA-TF PDU that
+        DT-2 would pass to DIMSE unchanged goes to DIMSE at once (see the module docstring)."""
+        sock = cast(AssociationSocket, self.socket)
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError) as exc:
+            log.error("Connection closed before the entire PDU was received: %s", exc)
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu_type, _, length = _PDU_HEADER.unpack(header)
+        except struct.error:
+            self.event_queue.put("Evt17")  # the peer closed the connection
+            return
+        if pdu_type not in _PDU_TYPES:
+            log.error("Unknown PDU type received '0x%02X'", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv(length)
+        except (OSError, TimeoutError) as exc:
+            log.error("Connection closed before the entire PDU was received: %s", exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != length:
+            log.error("The received PDU is shorter than expected (%d of %d bytes received)", 6 + len(body),
+                      6 + length)
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type == _P_DATA_TF and self._passes_data_directly():
+            items = pdv_items(body)
+            if items is not None:
+                primitive = P_DATA()
+                # (the setter insists on bytes; the views spare copying each fragment once more)
+                primitive._presentation_data_value_list = items
+                assoc = self.assoc
+                assoc.dimse.receive_primitive(primitive)  # DT-2
+                if self.to_user_queue.qsize() or assoc.dimse.msg_queue.qsize():
+                    wake = getattr(assoc, "wake", None)
+                    if wake is not None:
+                        wake()
+                return
+        bytestream = bytearray(header)
+        bytestream += body
+        try:
+            pdu, event = self._decode_pdu(bytestream)
+            self.event_queue.put(event)
+        except Exception as exc:  # noqa: BLE001 - as pynetdicom: an undecodable PDU is Evt19
+            log.error("Unable to decode the received PDU data: %s", exc)
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
+
+    def _passes_data_directly(self) -> bool:
+        """Sta6, nothing queued ahead of this PDU, and no handler watching PDUs, data or
+        transitions: DT-2 is all the state machine would do."""
+        if self.state_machine.current_state != "Sta6" or self.event_queue.qsize() or self._recv_pdu.qsize():
+            return False
+        assoc = self.assoc
+        return not any(assoc.get_handlers(event) for event in _WATCHING_EVENTS)
 
     def _process_recv_primitive(self) -> bool:
         if not (self._kill_thread or self.to_provider_queue.qsize() or self.event_queue.qsize()):

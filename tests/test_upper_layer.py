@@ -163,3 +163,63 @@ def test_stores_are_served_on_the_dul_thread_and_a_handler_may_abort() -> None:
         assert not server.active_associations and not acceptor.dul.is_alive()
     finally:
         server.shutdown()
+
+
+def test_pdv_items_split_a_p_data_body_and_refuse_a_malformed_one() -> None:
+    from scp_node.upper_layer import pdv_items
+
+    body = bytearray(b"\x00\x00\x00\x04\x01\x03ab" + b"\x00\x00\x00\x03\x03\x02z")
+    items = pdv_items(body)
+    assert items is not None and [(cid, bytes(data)) for cid, data in items] == [(1, b"\x03ab"), (3, b"\x02z")]
+    assert pdv_items(b"") is None  # no item at all
+    assert pdv_items(b"\x00\x00\x00\x01\x01") is None  # shorter than context ID + control header
+    assert pdv_items(b"\x00\x00\x00\x09\x01\x03ab") is None  # runs past the PDU
+    assert pdv_items(b"\x00\x00\x00\x04\x01\x03ab\x00\x00") is None  # a stray half item header
+
+
+def test_p_data_goes_straight_to_dimse_unless_a_handler_watches_pdus(monkeypatch: Any) -> None:
+    """The direct hand-over and pynetdicom's decoded way store the same data sets (multi-PDU
+    data sets, several per association); a PDU handler sees every P-DATA-TF PDU."""
+    from io import BytesIO
+
+    from pydicom import dcmread
+    from pynetdicom import _config
+    from pynetdicom.pdu import P_DATA_TF
+
+    from scp_node.upper_layer import WakingUpperLayer
+
+    decoded: list[int] = []  # PDU types pynetdicom's decoder saw
+    original = WakingUpperLayer._decode_pdu
+
+    def counting(self: Any, bytestream: bytearray) -> Any:
+        decoded.append(bytestream[0])
+        return original(self, bytestream)
+
+    monkeypatch.setattr(WakingUpperLayer, "_decode_pdu", counting)
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # as the node runs (see listener)
+    for watched in (False, True):
+        decoded.clear()
+        stored: list[bytes] = []
+        pdus: list[Any] = []
+        handlers: list[Any] = [(evt.EVT_C_STORE, lambda event: stored.append(event.request.DataSet.getvalue()) or 0)]
+        if watched:
+            handlers.append((evt.EVT_PDU_RECV, lambda event: pdus.append(event.pdu)))
+        server = _server(True, handlers)
+        server.ae.maximum_pdu_size = 2048  # each data set comes in several P-DATA-TF PDUs
+        try:
+            assoc = _requestor().associate("127.0.0.1", server.server_address[1], ae_title="UPPERLAYER")
+            assert assoc.is_established
+            sent = [_dataset() for _ in range(5)]
+            for ds in sent:
+                assert assoc.send_c_store(ds).Status == 0x0000
+            assoc.release()
+        finally:
+            server.shutdown()
+        received = [dcmread(BytesIO(data), force=True) for data in stored]
+        assert [ds.SOPInstanceUID for ds in received] == [ds.SOPInstanceUID for ds in sent]
+        assert all(ds.PixelData == b"\0" * 4096 for ds in received)
+        data_pdus = [p for p in pdus if isinstance(p, P_DATA_TF)]
+        if watched:
+            assert len(data_pdus) >= 5 * 3 and decoded.count(0x04) == len(data_pdus)
+        else:
+            assert decoded.count(0x04) == 0 and decoded.count(0x01) == 1  # only the A-ASSOCIATE-RQ ...
