@@ -23,6 +23,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from .driver import CoreTransaction, DriverTransaction, IndexTransaction
 from .models import Base
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Database:
         self._thread_lock = threading.RLock()
         self._depth = 0  # sessions open in the thread holding _thread_lock
         self._lock_fd: int | None = None
+        self._driver_statements: dict[Any, Any] = {}  # compiled once per process (see .driver)
         if create:
             Base.metadata.create_all(self.engine)
 
@@ -71,6 +73,30 @@ class Database:
         """
         with self._writer(), self.engine.begin() as conn:
             yield conn
+
+    @contextmanager
+    def index_transaction(self) -> Iterator[IndexTransaction]:
+        """The receive path's transaction (see :mod:`.driver`): on SQLite, ``BEGIN IMMEDIATE``
+        on the driver's own connection, committed on normal exit and rolled back on any
+        exception; on any other database, :meth:`transaction`."""
+        if not self.is_sqlite:
+            with self.transaction() as conn:
+                yield CoreTransaction(conn)
+            return
+        with self._writer():
+            pooled = self.engine.raw_connection()
+            try:
+                dbapi_conn = pooled.driver_connection
+                tx = DriverTransaction(dbapi_conn, self.engine.dialect, self._driver_statements)
+                tx.begin()
+                try:
+                    yield tx
+                    tx.commit()
+                except BaseException:
+                    tx.rollback()
+                    raise
+            finally:
+                pooled.close()  # back to the pool
 
     @contextmanager
     def _writer(self) -> Iterator[None]:

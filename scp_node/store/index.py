@@ -2,10 +2,11 @@
 
 The receive path is the node's hottest loop.  Going through the ORM's unit of work cost a
 received CT slice about as much CPU as pynetdicom's whole DIMSE handling (profiled with py-spy
-under ``benchmarks/ingest_bench.py``); these few prebuilt statements on the transaction's
-connection do the same work — find or create patient, study and series, reopen a completed
-series, insert or replace the instance row and its audit row — for a fraction of that.
-Everything runs inside the caller's transaction, so it commits or rolls back with it.
+under ``benchmarks/ingest_bench.py``); these few prebuilt statements do the same work — find or
+create patient, study and series, reopen a completed series, insert or replace the instance row
+and its audit row — for a fraction of that, on SQLite straight on the driver's cursor
+(:mod:`.driver`).  Everything runs inside the caller's transaction, so it commits or rolls back
+with it.  The statements are module constants: the driver compiles each once per process.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.engine import Connection
 
+from .driver import IndexTransaction
 from .models import AuditEvent, Instance, Patient, SeriesState, Series, Study, utcnow
 
 _PATIENTS, _STUDIES = Patient.__table__, Study.__table__
@@ -37,7 +38,11 @@ _REOPEN_SERIES = update(_SERIES).where(_SERIES.c.id == bindparam("b_id")).values
     state=SeriesState.RECEIVING, version=bindparam("b_version"), version_started_at=bindparam("b_now"),
     last_received_at=bindparam("b_now"), completed_at=None)
 _INSERT_INSTANCE = insert(_INSTANCES)
+_REPLACE_INSTANCE = update(_INSTANCES).where(_INSTANCES.c.id == bindparam("b_id"))
 _INSERT_AUDIT = insert(AuditEvent.__table__)
+_INSERT_SERIES = insert(_SERIES)
+_INSERT_STUDY = insert(_STUDIES)
+_INSERT_PATIENT = insert(_PATIENTS)
 
 
 @dataclass(frozen=True)
@@ -70,55 +75,54 @@ class ExistingInstance:
     path: str
 
 
-def find_instance(conn: Connection, sop_uid: str) -> ExistingInstance | None:
-    row = conn.execute(_FIND_INSTANCE, {"b_sop_uid": sop_uid}).first()
-    return None if row is None else ExistingInstance(row.id, row.sha256, row.path)
+def find_instance(tx: IndexTransaction, sop_uid: str) -> ExistingInstance | None:
+    row = tx.first(_FIND_INSTANCE, {"b_sop_uid": sop_uid})
+    return None if row is None else ExistingInstance(int(row[0]), row[1], row[2])
 
 
-def index_instance(conn: Connection, row: InstanceRow, existing: ExistingInstance | None) -> None:
+def index_instance(tx: IndexTransaction, row: InstanceRow, existing: ExistingInstance | None) -> None:
     """Insert (or, for a replacement, update) the instance row under its series, creating the
     patient, study and series rows it needs; a completed series is reopened as a new version."""
     now = utcnow()
-    series_id, version = _series(conn, row, now)
+    series_id, version = _series(tx, row, now)
     values = dict(sop_class_uid=row.sop_class_uid, series_fk=series_id, instance_number=row.instance_number,
                   transfer_syntax_uid=row.transfer_syntax_uid, path=row.path, size=row.size, sha256=row.sha256,
                   received_at=now, calling_ae_title=row.calling_ae_title, peer_address=row.peer_address,
                   series_version=version)
     if existing is None:
-        conn.execute(_INSERT_INSTANCE, dict(values, sop_instance_uid=row.sop_instance_uid))
+        tx.run(_INSERT_INSTANCE, dict(values, sop_instance_uid=row.sop_instance_uid))
     else:
-        conn.execute(update(_INSTANCES).where(_INSTANCES.c.id == existing.id).values(**values))
+        tx.run(_REPLACE_INSTANCE, dict(values, b_id=existing.id))
 
 
-def add_audit(conn: Connection, values: dict[str, object]) -> None:
+def add_audit(tx: IndexTransaction, values: dict[str, object]) -> None:
     """One audit row (values from :meth:`AuditTrail.values`) in the same transaction."""
-    conn.execute(_INSERT_AUDIT, values)
+    tx.run(_INSERT_AUDIT, values)
 
 
-def _series(conn: Connection, row: InstanceRow, now: Any) -> tuple[int, int]:
-    found = conn.execute(_FIND_SERIES, {"b_series_uid": row.series_instance_uid}).first()
+def _series(tx: IndexTransaction, row: InstanceRow, now: Any) -> tuple[int, int]:
+    found = tx.first(_FIND_SERIES, {"b_series_uid": row.series_instance_uid})
     if found is None:
-        study_id = _study(conn, row)
-        result = conn.execute(insert(_SERIES).values(
+        study_id = _study(tx, row)
+        series_id = tx.insert(_INSERT_SERIES, dict(
             series_instance_uid=row.series_instance_uid, study_fk=study_id, state=SeriesState.RECEIVING,
             version=1, first_received_at=now, last_received_at=now, version_started_at=now, **row.series))
-        return int(result.inserted_primary_key[0]), 1
-    if found.state is SeriesState.COMPLETE:
-        conn.execute(_REOPEN_SERIES, {"b_id": found.id, "b_version": found.version + 1, "b_now": now})
-        return int(found.id), int(found.version) + 1
-    conn.execute(_TOUCH_SERIES, {"b_id": found.id, "b_now": now})
-    return int(found.id), int(found.version)
+        return series_id, 1
+    series_id, state, version = int(found[0]), found[1], int(found[2])
+    if state is SeriesState.COMPLETE:
+        tx.run(_REOPEN_SERIES, {"b_id": series_id, "b_version": version + 1, "b_now": now})
+        return series_id, version + 1
+    tx.run(_TOUCH_SERIES, {"b_id": series_id, "b_now": now})
+    return series_id, version
 
 
-def _study(conn: Connection, row: InstanceRow) -> int:
-    found = conn.execute(_FIND_STUDY, {"b_study_uid": row.study_instance_uid}).first()
+def _study(tx: IndexTransaction, row: InstanceRow) -> int:
+    found = tx.first(_FIND_STUDY, {"b_study_uid": row.study_instance_uid})
     if found is not None:
-        return int(found.id)
+        return int(found[0])
     p = row.patient
-    patient = conn.execute(_FIND_PATIENT, {"b_patient_id": p["patient_id"], "b_issuer": p["issuer_of_patient_id"],
-                                           "b_patient_name": p["patient_name"]}).first()
-    patient_id = (int(patient.id) if patient is not None
-                  else int(conn.execute(insert(_PATIENTS).values(**p)).inserted_primary_key[0]))
-    result = conn.execute(insert(_STUDIES).values(study_instance_uid=row.study_instance_uid,
-                                                  patient_fk=patient_id, **row.study))
-    return int(result.inserted_primary_key[0])
+    patient = tx.first(_FIND_PATIENT, {"b_patient_id": p["patient_id"], "b_issuer": p["issuer_of_patient_id"],
+                                       "b_patient_name": p["patient_name"]})
+    patient_id = int(patient[0]) if patient is not None else tx.insert(_INSERT_PATIENT, dict(p))
+    return tx.insert(_INSERT_STUDY, dict(study_instance_uid=row.study_instance_uid, patient_fk=patient_id,
+                                         **row.study))

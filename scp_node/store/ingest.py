@@ -28,13 +28,13 @@ from typing import Any
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.engine import Connection
 
 from ..audit import AuditTrail, Event
 from .db import Database
 from .files import (UnsafeUID, check_uid, fsync_dir, instance_path, remove_quietly, sha256_hex, stage_bytes,
                     stage_file, temp_name)
 from .group_commit import GroupCommit
+from .driver import IndexTransaction
 from .index import InstanceRow, add_audit, find_instance, index_instance
 from .integrity import IncompleteDataset, check_complete, check_complete_file
 from .scan import scan_instance
@@ -322,10 +322,10 @@ class Ingestor:
         name, fsync each folder once, commit.  On failure every file is back under its staged
         name (and nothing is committed) before the exception propagates."""
         try:
-            with self.db.transaction() as conn:
+            with self.db.index_transaction() as tx:
                 folders: dict[Path, None] = {}
                 for unit in units:
-                    unit.outcome, unit.old_rel, new_rel = self._decide_and_index(conn, unit.row, unit.origin,
+                    unit.outcome, unit.old_rel, new_rel = self._decide_and_index(tx, unit.row, unit.origin,
                                                                                  unit.audit_ids)
                     if new_rel is not None:
                         unit.placed = self.storage_dir / new_rel
@@ -357,30 +357,30 @@ class Ingestor:
                 if attempt == 2:
                     raise
 
-    def _decide_and_index(self, conn: Connection, row: InstanceRow, origin: Origin,
+    def _decide_and_index(self, tx: IndexTransaction, row: InstanceRow, origin: Origin,
                           audit_ids: dict[str, Any]) -> tuple[IngestOutcome, str | None, str | None]:
         """Inside the transaction: a duplicate is audited (the duplicate policy decides), anything
         else gets its index rows and an audit row.  Returns the outcome, the replaced copy's path
         and the path the new file must get (None: keep no file)."""
-        existing = find_instance(conn, row.sop_instance_uid)
+        existing = find_instance(tx, row.sop_instance_uid)
         if existing is not None:
             if existing.sha256 == row.sha256:
-                add_audit(conn, self.audit.values(Event.INSTANCE_DUPLICATE, detail="identical bytes; ignored",
+                add_audit(tx, self.audit.values(Event.INSTANCE_DUPLICATE, detail="identical bytes; ignored",
                                                   **audit_ids))
                 return IngestOutcome.DUPLICATE_IDENTICAL, None, None
             if self.duplicate_policy == "keep_first":
-                add_audit(conn, self.audit.values(
+                add_audit(tx, self.audit.values(
                     Event.INSTANCE_DUPLICATE, outcome="warning",
                     detail="different bytes; first copy kept (policy keep_first)", **audit_ids))
                 return IngestOutcome.DUPLICATE_KEPT_FIRST, None, None
             if existing.path == row.path:  # same UIDs: the new copy needs a name of its own
                 name = f"{row.sop_instance_uid}.{row.sha256[:16]}.dcm"
                 row = dataclasses.replace(row, path=str(PurePosixPath(row.path).with_name(name)))
-        index_instance(conn, row, existing)
+        index_instance(tx, row, existing)
         detail = f"{row.size} bytes via {origin.via}"
         if existing is not None:
             detail += "; replaced a different copy (policy replace)"
-        add_audit(conn, self.audit.values(Event.INSTANCE_STORED, detail=detail, **audit_ids))
+        add_audit(tx, self.audit.values(Event.INSTANCE_STORED, detail=detail, **audit_ids))
         if existing is None:
             return IngestOutcome.STORED, None, row.path
         return IngestOutcome.REPLACED, existing.path, row.path

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from contextlib import contextmanager
 from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
+from typing import Iterator
 
 import pydicom
 import pytest
@@ -16,6 +18,7 @@ from scp_node.audit import AuditTrail, Event
 from scp_node.scheduler.completion import SeriesCompletion
 from scp_node.store import index
 from scp_node.store.db import Database
+from scp_node.store.driver import CoreTransaction
 from scp_node.store.ingest import (IngestOutcome, Ingestor, InvalidInstance, Origin, StorageFailure,
                                    parse_header)
 from scp_node.store.models import AuditEvent, Instance, Patient, Series, SeriesState, Study
@@ -24,6 +27,22 @@ from tests.store.realdata import (CT_PATIENT_ID, CT_SLICES, CXR_DX_J2K, CXR_UNCR
 
 # The refusal tests feed invalid UIDs on purpose; pydicom warns when it reads them.
 pytestmark = pytest.mark.filterwarnings("ignore:(Invalid value for VR UI|The value length):UserWarning")
+
+
+@pytest.fixture(params=["sqlite-driver", "sqlalchemy-core"])
+def index_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """Every test here twice: with the index statements on SQLite's driver (the default) and
+    through SQLAlchemy's execution layer (the path any other database takes)."""
+    db = Database(f"sqlite:///{tmp_path / 'index.db'}")
+    if request.param == "sqlalchemy-core":
+        @contextmanager
+        def core() -> Iterator[CoreTransaction]:
+            with db.transaction() as conn:
+                yield CoreTransaction(conn)
+
+        db.index_transaction = core  # type: ignore[method-assign]
+    yield db
+    db.dispose()
 
 
 def stored_files(storage: Path) -> list[Path]:
