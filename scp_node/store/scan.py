@@ -61,6 +61,10 @@ _INDEXED_VRS = {0x00080005: "CS", 0x00080016: "UI", 0x00080018: "UI", 0x00080020
 _PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
 _INTEGER = re.compile(r" *[+-]?[0-9]+")
 _MISSING = object()
+#: Keyword -> tag of what a ScannedHeader answers itself (the indexed elements and the file meta).
+_TAG_OF = {keyword_for_tag(tag): tag for tag in _INDEXED_VRS}
+#: A kept element: VR (None in implicit VR), length, value, offset of the value.
+_Raw = tuple[str | None, int, bytes, int]
 
 #: Deepest sequence nesting followed; deeper data sets go to pydicom.
 MAX_DEPTH = 32
@@ -70,6 +74,8 @@ _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b
 _SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
                         b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
 _HEADER = struct.Struct("<HH")
+_EXPLICIT = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length (the short-VR form)
+_IMPLICIT = struct.Struct("<HHI")  # group, element, 32-bit length
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _ITEM = 0xE000
@@ -95,11 +101,11 @@ def scan_instance(data: bytes) -> ScannedHeader | None:
         syntax = meta.get(0x00020010)
         if syntax is None:
             return None
-        ts = UID(bytes(syntax.value).rstrip(b"\0 ").decode("ascii"))
+        ts = UID(syntax[2].rstrip(b"\0 ").decode("ascii"))
         if not ts.is_transfer_syntax or ts.is_deflated or not ts.is_little_endian:
             return None
         implicit = ts.is_implicit_VR
-        wanted: dict[int, RawDataElement] = {}
+        wanted: dict[int, _Raw] = {}
         end = _elements(data, pos, len(data), implicit, wanted, depth=0, top=True)
     except IncompleteDataset:
         raise
@@ -123,12 +129,11 @@ class ScannedHeader:
     they always did.
     """
 
-    def __init__(self, elements: dict[int, RawDataElement], meta: dict[int, RawDataElement], implicit: bool,
+    def __init__(self, elements: dict[int, _Raw], meta: dict[int, _Raw], implicit: bool,
                  *, is_meta: bool = False) -> None:
         self._elements = elements
         self._implicit = implicit
         self._is_meta = is_meta
-        self._by_keyword = {keyword_for_tag(tag): tag for tag in elements}
         self._cache: dict[str, Any] = {}
         self._dataset: Dataset | None = None
         self.file_meta: ScannedHeader | None = (None if is_meta else
@@ -138,7 +143,8 @@ class ScannedHeader:
         return bool(self._elements)
 
     def __contains__(self, keyword: str) -> bool:
-        return keyword in self._by_keyword
+        tag = _TAG_OF.get(keyword)
+        return tag in self._elements if tag is not None else keyword in self.as_dataset()
 
     def __getattr__(self, keyword: str) -> Any:
         if keyword.startswith("_") or not keyword[:1].isupper():
@@ -151,31 +157,22 @@ class ScannedHeader:
     def get(self, keyword: str, default: Any = None) -> Any:
         value = self._cache.get(keyword, _MISSING)
         if value is _MISSING:
-            tag = self._by_keyword.get(keyword)
-            if tag is None:
+            tag = _TAG_OF.get(keyword)
+            if tag is None:  # not one of ours: pydicom answers (the file meta holds others)
+                return self.as_dataset().get(keyword, default)
+            raw = self._elements.get(tag)
+            if raw is None:
                 return default
-            value = self._cache[keyword] = self._plain(self._elements[tag])
+            value = self._cache[keyword] = _plain(raw[0] or _INDEXED_VRS[tag], raw[2])
             if value is _MISSING:  # not plain: pydicom decodes it
                 value = self._cache[keyword] = self.as_dataset().get(keyword)
         return value  # (an element that is there but empty answers None, as pydicom's get does)
 
-    @staticmethod
-    def _plain(element: RawDataElement) -> Any:
-        raw = element.value
-        if raw is None or not _PLAIN.fullmatch(raw := raw.rstrip(b"\0 ")):
-            return _MISSING
-        vr = element.VR or _INDEXED_VRS.get(int(element.tag))
-        text = raw.decode("ascii")
-        if vr == "IS":
-            return None if not text else text.strip() if _INTEGER.fullmatch(text) else _MISSING
-        if vr in ("UI", "CS", "DA", "SH", "LO", "PN"):
-            return text
-        return _MISSING
-
     def as_dataset(self) -> Dataset:
         """The same raw elements as a pydicom data set (built once, on first need)."""
         if self._dataset is None:
-            items = {Tag(t): e for t, e in sorted(self._elements.items())}
+            items = {Tag(t): RawDataElement(Tag(t), vr, length, value, offset, self._implicit, True)
+                     for t, (vr, length, value, offset) in sorted(self._elements.items())}
             if self._is_meta:
                 self._dataset = FileMetaDataset(items)
             else:
@@ -186,9 +183,21 @@ class ScannedHeader:
         return self._dataset
 
 
-def _file_meta(data: bytes) -> tuple[dict[int, RawDataElement], int]:
+def _plain(vr: str, raw: bytes) -> Any:
+    """The value pydicom would give for one plain value of these VRs, else ``_MISSING``."""
+    if not _PLAIN.fullmatch(raw := raw.rstrip(b"\0 ")):
+        return _MISSING
+    text = raw.decode("ascii")
+    if vr == "IS":
+        return None if not text else text.strip() if _INTEGER.fullmatch(text) else _MISSING
+    if vr in ("UI", "CS", "DA", "SH", "LO", "PN"):
+        return text
+    return _MISSING
+
+
+def _file_meta(data: bytes) -> tuple[dict[int, _Raw], int]:
     """Group 0002 (always explicit VR little endian) as raw elements, and where the data set starts."""
-    meta: dict[int, RawDataElement] = {}
+    meta: dict[int, _Raw] = {}
     pos, n = 132, len(data)
     while pos + 8 <= n:
         group, element = _HEADER.unpack_from(data, pos)
@@ -203,15 +212,14 @@ def _file_meta(data: bytes) -> tuple[dict[int, RawDataElement], int]:
             raise _Unsupported
         if length == UNDEFINED or start + length > n:
             raise _Unsupported  # a broken meta group: pydicom's parse reports it
-        meta[(group << 16) | element] = RawDataElement(Tag(group, element), vr.decode("ascii"), length,
-                                                       data[start:start + length], start, False, True)
+        meta[(group << 16) | element] = (vr.decode("ascii"), length, data[start:start + length], start)
         pos = start + length
     if not meta:
         raise _Unsupported
     return meta, pos
 
 
-def _elements(data: bytes, pos: int, n: int, implicit: bool, wanted: dict[int, RawDataElement] | None,
+def _elements(data: bytes, pos: int, n: int, implicit: bool, wanted: dict[int, _Raw] | None,
               depth: int, top: bool = False) -> int | None:
     """Walk elements from ``pos``; return the end (top level) or the end of the item delimiter."""
     if depth > MAX_DEPTH:
@@ -224,7 +232,12 @@ def _elements(data: bytes, pos: int, n: int, implicit: bool, wanted: dict[int, R
             if top:
                 raise _Unsupported  # a few stray bytes at the end: pydicom's call
             raise IncompleteDataset("dataset ends before an item delimiter (truncated)")
-        group, element = _HEADER.unpack_from(data, pos)
+        if implicit:
+            group, element, length = _IMPLICIT.unpack_from(data, pos)
+            vr_bytes, start = None, pos + 8
+        else:
+            group, element, vr_bytes, length = _EXPLICIT.unpack_from(data, pos)
+            start = pos + 8
         tag = (group << 16) | element
         if group == 0xFFFE:
             if not top and element == _ITEM_END:
@@ -233,32 +246,25 @@ def _elements(data: bytes, pos: int, n: int, implicit: bool, wanted: dict[int, R
         if tag <= previous:
             raise _Unsupported
         previous = tag
-        if implicit:
-            vr = None
-            length, start = _U32.unpack_from(data, pos + 4)[0], pos + 8
-        else:
-            vr_bytes = data[pos + 4:pos + 6]
+        if vr_bytes is not None:
             if vr_bytes in _LONG_VRS:
                 if pos + 12 > n:
                     raise IncompleteDataset("dataset ends inside an element header (truncated)")
-                length, start = _U32.unpack_from(data, pos + 8)[0], pos + 12
-            elif vr_bytes in _SHORT_VRS:
-                length, start = _U16.unpack_from(data, pos + 6)[0], pos + 8
-            else:
+                length, start = _U32.unpack_from(data, start)[0], pos + 12
+            elif vr_bytes not in _SHORT_VRS:
                 raise _Unsupported
-            vr = vr_bytes.decode("ascii")
         if length == UNDEFINED:
-            if vr not in (None, "SQ", "UN", "OB", "OW"):
+            if vr_bytes not in (None, b"SQ", b"UN", b"OB", b"OW"):
                 raise _Unsupported
             # An undefined-length UN holds implicit VR little endian content (PS3.5 6.2.2).
-            pos = _items(data, start, n, implicit or vr == "UN", depth + 1)
+            pos = _items(data, start, n, implicit or vr_bytes == b"UN", depth + 1)
             continue
         end = start + length
         if end > n:
             raise IncompleteDataset(f"element ({group:04X},{element:04X}) is truncated "
                                     f"({n - start} of {length} bytes)")
         if wanted is not None and tag in INDEXED_TAGS:
-            wanted[tag] = RawDataElement(Tag(tag), vr, length, data[start:end], start, implicit, True)
+            wanted[tag] = (None if vr_bytes is None else vr_bytes.decode("ascii"), length, data[start:end], start)
         pos = end
 
 
