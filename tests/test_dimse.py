@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
@@ -142,3 +143,134 @@ def test_store_success_response_bytes_match_pynetdicom() -> None:
     request = C_STORE()
     request.MessageID = 1
     assert _store_success_command(request) is None  # a request, not a response
+
+
+def _encoded_store_request(sop_class: str, sop: str, msg_id: int, priority: int = 2,
+                           originator: tuple[str, int] | None = None) -> bytes:
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    request = C_STORE()
+    request.MessageID = msg_id
+    request.AffectedSOPClassUID = sop_class
+    request.AffectedSOPInstanceUID = sop
+    request.Priority = priority
+    request.DataSet = __import__("io").BytesIO(b"\x08\x00\x18\x00")  # a data set follows (Command Data Set Type)
+    if originator:
+        request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID = originator
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(request)
+    return encode(msg.command_set, True, True)
+
+
+def test_store_request_reads_what_pynetdicom_decodes() -> None:
+    """The command sets pynetdicom itself encodes: the same primitive as pynetdicom's decoding."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dsutils import decode
+
+    from scp_node.dimse import store_request
+
+    long_uid = "1." + "2" * 62
+    for sop_class, sop, msg_id, priority in [(CTImageStorage, "1.2.3.4", 1, 2), (CTImageStorage, long_uid, 65535, 0),
+                                             ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.45", 7, 1)]:
+        command = _encoded_store_request(sop_class, sop, msg_id, priority)
+        msg = C_STORE_RQ()
+        msg.command_set = decode(BytesIO(command), True, True)
+        expected = msg.message_to_primitive()
+        got = store_request(command)
+        assert got is not None
+        for field in ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
+                      "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID"):
+            assert getattr(got, field) == getattr(expected, field), field
+
+
+def test_store_request_leaves_everything_else_to_pynetdicom() -> None:
+    from pynetdicom.dimse_messages import C_ECHO_RQ
+    from pynetdicom.dimse_primitives import C_ECHO
+    from pynetdicom.dsutils import encode
+
+    from scp_node.dimse import store_request
+
+    plain = _encoded_store_request(CTImageStorage, "1.2.3.4", 1)
+    assert store_request(plain) is not None
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    msg = C_ECHO_RQ()
+    msg.primitive_to_message(echo)
+    refused = {
+        "C-ECHO-RQ": encode(msg.command_set, True, True),
+        "Move Originator fields": _encoded_store_request(CTImageStorage, "1.2.3.4", 1, originator=("MOVER", 9)),
+        "cut short": plain[:-3],
+        "wrong group length": plain[:8] + (len(plain) - 11).to_bytes(4, "little") + plain[12:],
+        "UID with a leading zero": _encoded_store_request(CTImageStorage, "1.2.03", 1),
+        "UID with a letter": plain.replace(b"1.2.3.4", b"1.2.3.A"),
+        "no bytes": b"",
+    }
+    for what, command in refused.items():
+        assert store_request(command) is None, what
+
+
+def test_plain_stores_skip_pynetdicoms_command_decoding(tmp_path: Path, monkeypatch: Any) -> None:
+    """Against a pynetdicom requestor: plain C-STOREs (also with the command split over several
+    PDUs) are read by StoreRequestMessage; a C-STORE with Move Originator fields and a C-ECHO on
+    the same association go through pynetdicom's decoding; every handler sees the same request."""
+    import scp_node.dimse as dimse
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # as the node runs (see listener)
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
+    fast: list[str] = []
+    original = dimse.store_request
+
+    def counting(command: bytes) -> Any:
+        request = original(command)
+        if request is not None:
+            fast.append(str(request.AffectedSOPInstanceUID))
+        return request
+
+    monkeypatch.setattr(dimse, "store_request", counting)
+    seen: list[tuple[str, int, str | None, bytes]] = []
+
+    def on_store(event: evt.Event) -> int:
+        rq = event.request
+        buf = take_dataset(rq)
+        assert buf is not None
+        seen.append((str(rq.AffectedSOPInstanceUID), int(rq.MessageID), rq.MoveOriginatorApplicationEntityTitle,
+                     buf.part10_bytes()))
+        buf.discard()
+        return 0
+
+    source = pydicom.dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    for max_pdu in (0, 64):  # 0: unlimited; 64 bytes: the command set comes in several fragments
+        seen.clear()
+        fast.clear()
+        ae = AE("DIMSETEST")
+        ae.maximum_pdu_size = max_pdu
+        ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+        ae.add_supported_context(Verification)
+        server = ae.make_server(("127.0.0.1", 0), evt_handlers=[(evt.EVT_C_STORE, on_store)],
+                                server_class=ThreadedAssociationServer, request_handler=WakingRequestHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        ae._servers.append(server)
+        try:
+            scu = AE("SENDER")
+            scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            scu.add_requested_context(Verification)
+            assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="DIMSETEST")
+            assert assoc.send_c_store(source, msg_id=1).Status == 0
+            assert assoc.send_c_echo(msg_id=2).Status == 0
+            assert assoc.send_c_store(source, msg_id=3, originator_aet="MOVER", originator_id=5).Status == 0
+            assert assoc.send_c_store(source, msg_id=4).Status == 0
+            assoc.release()
+        finally:
+            server.shutdown()
+        uid = str(source.SOPInstanceUID)
+        assert [(s[0], s[1], s[2]) for s in seen] == [(uid, 1, None), (uid, 3, "MOVER"), (uid, 4, None)]
+        assert fast == [uid, uid]  # the plain ones; the Move Originator one went to pynetdicom
+        for *_, data in seen:
+            ds = pydicom.dcmread(__import__("io").BytesIO(data))
+            assert ds.SOPInstanceUID == source.SOPInstanceUID and ds.PixelData == source.PixelData
