@@ -267,7 +267,9 @@ class Ingestor:
         if meta_sop and str(meta_sop) != sop_uid:
             raise InvalidInstance("MediaStorageSOPInstanceUID does not match SOPInstanceUID")
         rel = instance_path(study_uid, series_uid, sop_uid)
-        digest = digest or (_sha256_file(data) if isinstance(data, Path) else sha256_hex(data))
+        if isinstance(data, Path) and not digest:
+            digest = _sha256_file(data)
+        # (bytes are hashed while they are written: see stage_bytes)
         with self._locks[hash(sop_uid) % len(self._locks)]:
             return self._keep(ds, data, digest, rel, origin, sop_uid, sop_class, study_uid, series_uid)
 
@@ -287,18 +289,23 @@ class Ingestor:
         """
         path = self.storage_dir / rel
         size = data.stat().st_size if isinstance(data, Path) else len(data)
-        row = _instance_row(ds, rel, size, digest, origin, sop_uid, sop_class, study_uid, series_uid)
-        audit_ids = dict(ae_title=origin.ae_title, peer=origin.address, study_uid=study_uid,
-                         series_uid=series_uid, sop_uid=sop_uid, patient_id=row.patient["patient_id"])
-        unit = _Unit(row, origin, audit_ids, temp_name(path))
+        staged = temp_name(path)
         try:
             if isinstance(data, Path):
-                stage_file(unit.staged, data)
+                stage_file(staged, data)
             else:
-                stage_bytes(unit.staged, data)
+                digest = stage_bytes(staged, data)
         except OSError as exc:
-            _discard(unit.staged)
+            _discard(staged)
             raise StorageFailure(f"cannot write file: {exc.strerror or exc}") from None
+        try:
+            row = _instance_row(ds, rel, size, digest, origin, sop_uid, sop_class, study_uid, series_uid)
+        except BaseException:
+            _discard(staged)
+            raise
+        audit_ids = dict(ae_title=origin.ae_title, peer=origin.address, study_uid=study_uid,
+                         series_uid=series_uid, sop_uid=sop_uid, patient_id=row.patient["patient_id"])
+        unit = _Unit(row, origin, audit_ids, staged)
         try:
             self._group.run(unit)  # alone, or in one transaction with concurrent stores
             assert unit.outcome is not None

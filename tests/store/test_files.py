@@ -67,3 +67,20 @@ def test_remove_quietly(tmp_path: Path) -> None:
     remove_quietly(f)
     assert not f.exists()
     remove_quietly(f)  # a missing file is not an error
+
+
+def test_stage_bytes_writes_starts_writeback_and_returns_the_digest(tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    from scp_node.store import files
+
+    data = os.urandom(600_000)
+    target = tmp_path / "a" / "b" / ".x.tmp"
+    assert files.stage_bytes(target, data) == hashlib.sha256(data).hexdigest()
+    assert target.read_bytes() == data
+    assert files._SYNC_FILE_RANGE is not None  # Linux: the writeback is started before the hash
+    with open(target, "rb") as fh:
+        files.start_writeback(fh.fileno())  # harmless on a clean (or read-only) file
+    with pytest.raises(FileExistsError):  # a staged name is never reused
+        files.stage_bytes(target, b"other")
