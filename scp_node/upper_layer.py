@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
+import socket
 import ssl
 import struct
 import threading
@@ -47,6 +49,7 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
@@ -109,10 +112,10 @@ class _WakingStateMachine(StateMachine):
 class WakingUpperLayer(DULServiceProvider):
     """The DUL thread of an acceptor association, waiting in ``select`` instead of sleeping.
 
-    pynetdicom's reactor loop is kept as it is; with ``_run_loop_delay`` at 0 its sleep is a bare
-    yield, and the wait happens in :meth:`_process_recv_primitive`, which the loop calls first on
-    every turn: when nothing is queued to send, no event is pending and the socket has no data,
-    it blocks until one of those changes (or the poll interval passes).
+    pynetdicom's reactor loop is kept check for check (:meth:`_reactor_loop`) but without its
+    sleep between turns; the wait happens in :meth:`_process_recv_primitive`, which the loop
+    calls first on every turn: when nothing is queued to send, no event is pending and the
+    socket has no data, it blocks until one of those changes (or the poll interval passes).
     """
 
     def __init__(self, assoc: Association) -> None:
@@ -121,6 +124,7 @@ class WakingUpperLayer(DULServiceProvider):
         self._run_loop_delay = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_lock = threading.Lock()  # no write to a closed (and maybe reused) descriptor
+        self._readable = False  # the last wait saw the peer's socket readable
 
     def wake(self) -> None:
         """Make a waiting DUL thread look at its queues now."""
@@ -152,7 +156,7 @@ class WakingUpperLayer(DULServiceProvider):
 
     def run_reactor(self) -> None:
         try:
-            super().run_reactor()
+            self._reactor_loop()
         finally:
             discard = getattr(self.assoc.dimse, "discard_partial", None)
             if discard is not None:
@@ -167,6 +171,53 @@ class WakingUpperLayer(DULServiceProvider):
                     except OSError:
                         pass
                 self._wake_r = self._wake_w = -1
+
+    def _reactor_loop(self) -> None:
+        """pynetdicom 3.0's ``DULServiceProvider.run_reactor``, check for check, without its
+        ``time.sleep(_run_loop_delay)`` between turns: the wait is in :meth:`_wait`, and a
+        ``sleep(0)`` is still a system call that hands the GIL to any other thread wanting it
+        (seven times per received CT slice)."""
+        self._idle_timer.start()
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()  # let the association thread off the leash
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                # Either encode and send a primitive or receive and decode a PDU per turn.
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # noqa: BLE001 - as pynetdicom: abort, bypassing the state machine
+                log.error("Exception in the DUL reactor, aborting the association: %s", exc)
+                log.debug("DUL reactor exception", exc_info=True)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                cast(AssociationSocket, self.socket).send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                continue
+            self.state_machine.do_action(event)
+
+    def _is_transport_event(self) -> bool:
+        """pynetdicom's check, without asking ``select`` again when :meth:`_wait` just saw the
+        socket readable (one system call, and one hand-over of the GIL, less per PDU)."""
+        if self._readable and self.state_machine.current_state != "Sta13":
+            self._readable = False
+            self._read_pdu_data()
+            return True
+        self._readable = False
+        return super()._is_transport_event()
 
     def _read_pdu_data(self) -> None:
         """Read one PDU: pynetdicom's ``_read_pdu_data``, step for step, but a P-DATA-TF PDU that
@@ -247,6 +298,7 @@ class WakingUpperLayer(DULServiceProvider):
             ready, _, _ = select.select(fds, [], [], POLL_INTERVAL)
         except (OSError, ValueError):  # the socket closed under us: let the loop find out
             return
+        self._readable = raw is not None and raw in ready
         if self._wake_r in ready:
             try:
                 while os.read(self._wake_r, 512):
@@ -341,6 +393,26 @@ class WakingAssociation(Association):
                 return
 
 
+def use_kernel_timeouts(sock: Any, timeout: float | None) -> None:
+    """Make a plain TCP socket blocking, with the network timeout kept by the kernel
+    (``SO_RCVTIMEO``/``SO_SNDTIMEO``) instead of by Python.
+
+    With a Python timeout every ``recv`` is a ``poll`` and then the ``recv``: two system calls,
+    and two hand-overs of the GIL, for each of the two reads of every PDU.  The DUL only reads
+    after ``select`` said there is data, so the read itself rarely waits; when it does (a peer
+    stalling inside a PDU), the kernel's timeout ends it as Python's did, with an ``OSError``
+    the DUL takes for a closed connection.  TLS sockets keep Python's timeout.
+    """
+    if type(sock) is not socket.socket:  # (an SSLSocket, or anything else: left as it is)
+        return
+    sock.settimeout(None)
+    if timeout is not None and timeout > 0:
+        seconds = int(timeout)
+        value = struct.pack("@ll", seconds, int((timeout - seconds) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
 class WakingRequestHandler(RequestHandler):
     """pynetdicom's request handler, creating a :class:`WakingAssociation` for each connection.
 
@@ -351,6 +423,7 @@ class WakingRequestHandler(RequestHandler):
         assoc = WakingAssociation(self.ae, MODE_ACCEPTOR, getattr(self.server, "spool_dir", None))
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        use_kernel_timeouts(self.request, self.ae.network_timeout)
         assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
 
         acceptor = assoc.acceptor

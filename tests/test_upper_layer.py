@@ -223,3 +223,32 @@ def test_p_data_goes_straight_to_dimse_unless_a_handler_watches_pdus(monkeypatch
             assert len(data_pdus) >= 5 * 3 and decoded.count(0x04) == len(data_pdus)
         else:
             assert decoded.count(0x04) == 0 and decoded.count(0x01) == 1  # only the A-ASSOCIATE-RQ ...
+
+
+def test_a_peer_stalling_inside_a_pdu_is_cut_off_by_the_network_timeout() -> None:
+    """Half a PDU, then nothing: the read waits no longer than the network timeout (kept by the
+    kernel on plain TCP sockets), then the connection is closed and the server goes on."""
+    import socket
+    import struct
+
+    from scp_node.upper_layer import use_kernel_timeouts
+
+    server = _server(True, [], network_timeout=1.0)
+    try:
+        with socket.create_connection(server.server_address, timeout=10) as peer:
+            peer.sendall(struct.pack(">BBL", 0x01, 0, 200) + b"\0" * 50)  # an A-ASSOCIATE-RQ cut short
+            start = time.monotonic()
+            while peer.recv(1024):  # (an A-ABORT or nothing), then the close
+                pass
+            waited = time.monotonic() - start
+        assert 0.5 < waited < 5, waited
+        assoc = _requestor().associate("127.0.0.1", server.server_address[1], ae_title="UPPERLAYER")
+        assert assoc.is_established  # still serving
+        assoc.release()
+    finally:
+        server.shutdown()
+    plain = socket.socket()
+    use_kernel_timeouts(plain, 2.5)
+    assert plain.gettimeout() is None
+    assert struct.unpack("@ll", plain.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)) == (2, 500000)
+    plain.close()
