@@ -24,6 +24,7 @@ import os
 import re
 import struct
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -166,9 +167,24 @@ class ReceivingDIMSE(DIMSEServiceProvider):
                 or self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
             super().send_msg(primitive, context_id)
             return
+        dul = self.dul
+        if threading.current_thread() is dul and self._sends_directly():
+            # Served on the DUL thread (see _serve_store): DT-1 is "send the P-DATA-TF PDU", so
+            # send it now instead of queueing it for this very thread's next turn.
+            dul.socket.send(_P_DATA_TF_HEADER.pack(0x04, 0, len(encoded) + 6, len(encoded) + 2, context_id, 0x03)
+                            + encoded)  # (a failed send queues Evt17, as pynetdicom's does)
+            return
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))  # last command fragment
-        self.dul.send_pdu(pdata)
+        dul.send_pdu(pdata)
+
+    def _sends_directly(self) -> bool:
+        """Sta6, nothing queued to send before it, and no handler watching PDUs, data or
+        transitions: sending the PDU is all the state machine would do."""
+        dul = self.dul
+        if dul.state_machine.current_state != "Sta6" or dul.to_provider_queue.qsize() or dul.socket is None:
+            return False
+        return not any(self.assoc.get_handlers(event) for event in _WATCHING_SENT)
 
     def _header_for(self, message: DIMSEMessage) -> bytes:
         cs = getattr(message, "request", None) or message.command_set
@@ -292,6 +308,9 @@ def store_request(command: bytes) -> C_STORE | None:
 
 
 _ELEMENT_HEADER = struct.Struct("<HHI")
+#: A P-DATA-TF PDU with one PDV: type, reserved, PDU length; item length, context ID, control header.
+_P_DATA_TF_HEADER = struct.Struct(">BBLLBB")
+_WATCHING_SENT = (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_FSM_TRANSITION)
 #: A UID pynetdicom accepts without a word (PS3.5 9.1): digits and dots, 64 characters at most.
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 

@@ -274,3 +274,47 @@ def test_plain_stores_skip_pynetdicoms_command_decoding(tmp_path: Path, monkeypa
         for *_, data in seen:
             ds = pydicom.dcmread(__import__("io").BytesIO(data))
             assert ds.SOPInstanceUID == source.SOPInstanceUID and ds.PixelData == source.PixelData
+
+
+def test_store_response_sent_directly_is_the_pdu_pynetdicom_sends(monkeypatch: Any) -> None:
+    """The success response sent from the DUL thread, byte for byte the P-DATA-TF PDU that
+    pynetdicom's state machine sends (forced by a server-side handler watching sent PDUs)."""
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
+    from pynetdicom.pdu_primitives import P_DATA
+
+    from scp_node.upper_layer import WakingUpperLayer
+
+    queued: list[Any] = []  # P-DATA primitives queued for the state machine (DT-1)
+    original = WakingUpperLayer.send_pdu
+    monkeypatch.setattr(WakingUpperLayer, "send_pdu",
+                        lambda self, primitive: (queued.append(primitive), original(self, primitive)))
+    source = pydicom.dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    received: dict[bool, list[bytes]] = {}
+    for watched in (False, True):
+        queued.clear()
+        sent_pdus: list[Any] = []
+        handlers: list[Any] = [(evt.EVT_C_STORE, lambda event: 0)]
+        if watched:
+            handlers.append((evt.EVT_PDU_SENT, lambda event: sent_pdus.append(event.pdu)))
+        ae = AE("DIMSETEST")
+        ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+        server = ae.make_server(("127.0.0.1", 0), evt_handlers=handlers, server_class=ThreadedAssociationServer,
+                                request_handler=WakingRequestHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        ae._servers.append(server)
+        data: list[bytes] = []
+        try:
+            scu = AE("SENDER")
+            scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="DIMSETEST",
+                                  evt_handlers=[(evt.EVT_DATA_RECV, lambda event: data.append(event.data))])
+            for msg_id in (1, 2, 3):
+                assert assoc.send_c_store(source, msg_id=msg_id).Status == 0
+            assoc.release()
+        finally:
+            server.shutdown()
+        received[watched] = [d for d in data if d[:1] == b"\x04"]  # the P-DATA-TF PDUs
+        assert bool(sent_pdus) == watched
+        assert len([q for q in queued if isinstance(q, P_DATA)]) == (3 if watched else 0)
+    assert len(received[False]) == 3 and received[False] == received[True]
