@@ -68,6 +68,12 @@ _P_DATA_TF = 0x04
 _WATCHING_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
 
 
+#: Decoded A-ASSOCIATE-RQ PDUs by their bytes (see WakingUpperLayer._decode_pdu), oldest first.
+_ASSOCIATE_RQ_CACHE: dict[bytes, Any] = {}
+_ASSOCIATE_RQ_CACHED = 16
+_ASSOCIATE_RQ_LOCK = threading.Lock()
+
+
 def pdv_items(body: bytearray | bytes) -> list[list[Any]] | None:
     """The presentation data values of a P-DATA-TF PDU body as ``[context ID, data]`` pairs, the
     data (message control header first) as views into ``body``, not copies.
@@ -272,6 +278,30 @@ class WakingUpperLayer(DULServiceProvider):
             self.event_queue.put("Evt19")
             return
         self._recv_pdu.put(pdu)
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        """pynetdicom's decode; an A-ASSOCIATE-RQ seen before (byte for byte) is not decoded again.
+
+        A modality that opens an association per image sends the same request every time, and
+        decoding its presentation contexts (a UID object and a validation for each abstract and
+        transfer syntax) was a quarter of the CPU such an association costs.  The decoded PDU is
+        only read afterwards (AE-6 turns it into a new primitive each time), so one object can
+        serve every identical request.  Not when a handler watches received data or PDUs.
+        """
+        if bytestream[:1] != b"\x01" or any(self.assoc.get_handlers(e) for e in _WATCHING_EVENTS[:2]):
+            return super()._decode_pdu(bytestream)
+        key = bytes(bytestream)
+        with _ASSOCIATE_RQ_LOCK:
+            pdu = _ASSOCIATE_RQ_CACHE.pop(key, None)
+            if pdu is not None:
+                _ASSOCIATE_RQ_CACHE[key] = pdu  # most recently used last
+                return pdu, "Evt6"
+        pdu, event = super()._decode_pdu(bytestream)
+        with _ASSOCIATE_RQ_LOCK:
+            _ASSOCIATE_RQ_CACHE[key] = pdu
+            while len(_ASSOCIATE_RQ_CACHE) > _ASSOCIATE_RQ_CACHED:
+                del _ASSOCIATE_RQ_CACHE[next(iter(_ASSOCIATE_RQ_CACHE))]
+        return pdu, event
 
     def _passes_data_directly(self) -> bool:
         """Sta6, nothing queued ahead of this PDU, and no handler watching PDUs, data or

@@ -252,3 +252,37 @@ def test_a_peer_stalling_inside_a_pdu_is_cut_off_by_the_network_timeout() -> Non
     assert plain.gettimeout() is None
     assert struct.unpack("@ll", plain.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)) == (2, 500000)
     plain.close()
+
+
+def test_an_identical_associate_request_is_decoded_once(monkeypatch: Any) -> None:
+    """The same A-ASSOCIATE-RQ again (a modality opening an association per image) reuses the
+    decoded PDU, and each association still negotiates what its own request proposed."""
+    from pynetdicom import _config
+
+    import scp_node.upper_layer as upper_layer
+
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # as the node runs (see listener)
+    monkeypatch.setattr(upper_layer, "_ASSOCIATE_RQ_CACHE", {})
+    decoded: list[int] = []
+    original = upper_layer.DULServiceProvider._decode_pdu
+    monkeypatch.setattr(upper_layer.DULServiceProvider, "_decode_pdu",
+                        lambda self, data: (decoded.append(data[0]), original(self, data))[1])
+    server = _server(True, [(evt.EVT_C_STORE, lambda event: 0)])
+    try:
+        port = server.server_address[1]
+        for _ in range(3):
+            assoc = _requestor().associate("127.0.0.1", port, ae_title="UPPERLAYER")
+            assert assoc.is_established
+            assert assoc.send_c_store(_dataset()).Status == 0x0000
+            assoc.release()
+        echo_only = AE("REQUESTOR")
+        echo_only.add_requested_context(Verification)
+        assoc = echo_only.associate("127.0.0.1", port, ae_title="UPPERLAYER")
+        assert assoc.is_established
+        assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [Verification]
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert decoded.count(0x01) == 2  # the first request of each kind; the repeats came from the cache
+    assert len(upper_layer._ASSOCIATE_RQ_CACHE) == 2
