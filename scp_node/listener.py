@@ -33,7 +33,7 @@ from .handlers import (AccessList, handle_aborted, handle_accepted, handle_conn_
                        handle_requested, handle_store)
 from .handlers.association import AssociationCounts, live_acceptors
 from .store.ingest import Ingestor
-from .upper_layer import WakingRequestHandler
+from .acceptor import WakingRequestHandler
 
 #: Spool folder for large incoming data sets, inside the storage folder (start-up recovery
 #: removes what a crash left there: the files are named ``.<random>.spool.tmp``).

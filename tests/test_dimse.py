@@ -14,7 +14,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from scp_node.dimse import DataSetBuffer, take_dataset
 from scp_node.store.part10 import part10_header
-from scp_node.upper_layer import WakingRequestHandler
+from scp_node.acceptor import WakingRequestHandler
 from tests.support.paths import CT_DIR
 
 HEADER = part10_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", ExplicitVRLittleEndian, "SENDER")

@@ -13,7 +13,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from scp_node.upper_layer import WakingAssociation, WakingRequestHandler
+from scp_node.acceptor import WakingAssociation, WakingRequestHandler
 
 
 def _dataset() -> Dataset:
@@ -231,7 +231,7 @@ def test_a_peer_stalling_inside_a_pdu_is_cut_off_by_the_network_timeout() -> Non
     import socket
     import struct
 
-    from scp_node.upper_layer import use_kernel_timeouts
+    from scp_node.acceptor import use_kernel_timeouts
 
     server = _server(True, [], network_timeout=1.0)
     try:

@@ -67,12 +67,43 @@ class InstanceRow:
     #: modality, body_part_examined, series_description, series_number — for a new series row only.
     series: dict[str, Any]
 
+    @classmethod
+    def from_header(cls, ds: Any, path: str, size: int, digest: str, ae_title: str, address: str, sop_uid: str,
+                    sop_class: str, study_uid: str, series_uid: str) -> InstanceRow:
+        """The index values of one instance, read from its header (a pydicom ``Dataset`` or a
+        :class:`~scp_node.store.scan.ScannedHeader`) and bounded to the column sizes."""
+        return cls(
+            sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_instance_uid=study_uid,
+            series_instance_uid=series_uid, instance_number=_int_or_none(ds, "InstanceNumber"),
+            transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", ""))[:64], path=path, size=size,
+            sha256=digest, calling_ae_title=ae_title[:16], peer_address=address[:64],
+            patient=dict(patient_id=_text(ds, "PatientID", 64), issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
+                         patient_name=_text(ds, "PatientName", 324)),
+            study=dict(study_date=_text(ds, "StudyDate", 8), accession_number=_text(ds, "AccessionNumber", 16),
+                       study_description=_text(ds, "StudyDescription", 64)),
+            series=dict(modality=_text(ds, "Modality", 16), body_part_examined=_text(ds, "BodyPartExamined", 16),
+                        series_description=_text(ds, "SeriesDescription", 64),
+                        series_number=_int_or_none(ds, "SeriesNumber")))
+
 
 @dataclass(frozen=True)
 class ExistingInstance:
     id: int
     sha256: str
     path: str
+
+
+def _text(ds: Any, keyword: str, limit: int) -> str:
+    value = ds.get(keyword, "")
+    return ("" if value is None else str(value))[:limit]
+
+
+def _int_or_none(ds: Any, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def find_instance(tx: IndexTransaction, sop_uid: str) -> ExistingInstance | None:

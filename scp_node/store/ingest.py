@@ -67,19 +67,6 @@ class Origin:
     via: str = "dimse"
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    value = ds.get(keyword, "")
-    return ("" if value is None else str(value))[:limit]
-
-
-def _int_or_none(ds: Dataset, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def parse_header(data: bytes) -> Dataset:
     """Parse the file meta and the header of a Part 10 byte string, refusing a cut-short one.
 
@@ -299,7 +286,8 @@ class Ingestor:
             _discard(staged)
             raise StorageFailure(f"cannot write file: {exc.strerror or exc}") from None
         try:
-            row = _instance_row(ds, rel, size, digest, origin, sop_uid, sop_class, study_uid, series_uid)
+            row = InstanceRow.from_header(ds, rel.as_posix(), size, digest, origin.ae_title, origin.address,
+                                          sop_uid, sop_class, study_uid, series_uid)
         except BaseException:
             _discard(staged)
             raise
@@ -391,20 +379,3 @@ class Ingestor:
         if existing is None:
             return IngestOutcome.STORED, None, row.path
         return IngestOutcome.REPLACED, existing.path, row.path
-
-
-def _instance_row(ds: Dataset, rel: Path, size: int, digest: str, origin: Origin, sop_uid: str, sop_class: str,
-                  study_uid: str, series_uid: str) -> InstanceRow:
-    """The index values of one instance, read from its header and bounded to the column sizes."""
-    return InstanceRow(
-        sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_instance_uid=study_uid,
-        series_instance_uid=series_uid, instance_number=_int_or_none(ds, "InstanceNumber"),
-        transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", ""))[:64], path=rel.as_posix(), size=size,
-        sha256=digest, calling_ae_title=origin.ae_title[:16], peer_address=origin.address[:64],
-        patient=dict(patient_id=_text(ds, "PatientID", 64), issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
-                     patient_name=_text(ds, "PatientName", 324)),
-        study=dict(study_date=_text(ds, "StudyDate", 8), accession_number=_text(ds, "AccessionNumber", 16),
-                   study_description=_text(ds, "StudyDescription", 64)),
-        series=dict(modality=_text(ds, "Modality", 16), body_part_examined=_text(ds, "BodyPartExamined", 16),
-                    series_description=_text(ds, "SeriesDescription", 64),
-                    series_number=_int_or_none(ds, "SeriesNumber")))
