@@ -235,8 +235,7 @@ class StoreRequestMessage(DIMSEMessage):
                     self.request = store_request(command)
                     if self.request is None:
                         return self._pynetdicom_from(items, index, assoc)
-                    self.encoded_command_set.write(data[1:])
-                    self.context_id = context_id
+                    self.context_id = context_id  # (the encoded command set is not needed again)
                 elif control & 1:  # a command fragment, more to come
                     self.encoded_command_set.write(data[1:])
                 else:  # data before its command: pynetdicom's call

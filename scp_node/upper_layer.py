@@ -57,7 +57,8 @@ _ITEM_LENGTH = struct.Struct(">L")
 _PDU_TYPES = frozenset({0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07})
 _P_DATA_TF = 0x04
 #: Handlers of these events need pynetdicom's decoded PDU and its state machine turn.
-_WATCHING_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
+_WATCHING_RECEIVED = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV)
+_WATCHING_EVENTS = (*_WATCHING_RECEIVED, evt.EVT_FSM_TRANSITION)
 
 
 #: Decoded A-ASSOCIATE-RQ PDUs by their bytes (see WakingUpperLayer._decode_pdu), oldest first.
@@ -95,16 +96,7 @@ class _WakingStateMachine(StateMachine):
         try:
             super().do_action(event)
         finally:
-            # Wake the association thread only when there is something for it: a DIMSE message
-            # (a C-STORE was already served on the DUL thread), a primitive (release, abort), a
-            # new state.  Waking it for every PDU would cost a context switch each.
-            dul = self.dul
-            assoc = dul.assoc
-            if (state != self.current_state or dul.to_user_queue.qsize()
-                    or assoc.dimse.msg_queue.qsize()):
-                wake = getattr(assoc, "wake", None)
-                if wake is not None:
-                    wake()
+            self.dul.wake_association(state != self.current_state)  # type: ignore[attr-defined]
 
 
 class WakingUpperLayer(DULServiceProvider):
@@ -119,10 +111,19 @@ class WakingUpperLayer(DULServiceProvider):
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
         self.state_machine = _WakingStateMachine(self)
-        self._run_loop_delay = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_lock = threading.Lock()  # no write to a closed (and maybe reused) descriptor
         self._readable = False  # the last wait saw the peer's socket readable
+
+    def wake_association(self, state_changed: bool = False) -> None:
+        """Wake the association thread when there is something for it: a DIMSE message (a
+        C-STORE was already served on this thread), a primitive (release, abort), a new state.
+        Waking it for every PDU would cost a context switch each."""
+        assoc = self.assoc
+        if state_changed or self.to_user_queue.qsize() or assoc.dimse.msg_queue.qsize():
+            wake = getattr(assoc, "wake", None)
+            if wake is not None:
+                wake()
 
     def wake(self) -> None:
         """Make a waiting DUL thread look at its queues now."""
@@ -253,12 +254,8 @@ class WakingUpperLayer(DULServiceProvider):
                 primitive = P_DATA()
                 # (the setter insists on bytes; the views spare copying each fragment once more)
                 primitive._presentation_data_value_list = items
-                assoc = self.assoc
-                assoc.dimse.receive_primitive(primitive)  # DT-2
-                if self.to_user_queue.qsize() or assoc.dimse.msg_queue.qsize():
-                    wake = getattr(assoc, "wake", None)
-                    if wake is not None:
-                        wake()
+                self.assoc.dimse.receive_primitive(primitive)  # DT-2
+                self.wake_association()
                 return
         bytestream = bytearray(header)
         bytestream += body
@@ -280,7 +277,7 @@ class WakingUpperLayer(DULServiceProvider):
         only read afterwards (AE-6 turns it into a new primitive each time), so one object can
         serve every identical request.  Not when a handler watches received data or PDUs.
         """
-        if bytestream[:1] != b"\x01" or any(self.assoc.get_handlers(e) for e in _WATCHING_EVENTS[:2]):
+        if bytestream[:1] != b"\x01" or any(self.assoc.get_handlers(e) for e in _WATCHING_RECEIVED):
             return super()._decode_pdu(bytestream)
         key = bytes(bytestream)
         with _ASSOCIATE_RQ_LOCK:
