@@ -17,7 +17,7 @@ import pydicom
 from highdicom.sr import Comprehensive3DSR, MeasurementReport
 from pydicom.uid import ExplicitVRLittleEndian
 
-from scp_node.store.files import fsync_dir
+from scp_node.store.files import fsync_dir, make_folder
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def write_report(sr: Comprehensive3DSR, path: str | os.PathLike[str]) -> Path:
     an existing file at ``path`` is left untouched.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent)
     if sr.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
         raise ValueError("SR must use Explicit VR Little Endian")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

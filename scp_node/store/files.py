@@ -2,14 +2,17 @@
 
 A UID never becomes a path unchecked: :func:`instance_path` accepts only well-formed UIDs
 (digits and dots, at most 64 characters), so ``../`` or ``/`` in a UID cannot escape the
-storage folder.  Writes go to a temporary file in the target folder, are fsynced, renamed over
-the final name and the folder is fsynced, so a crash leaves either the old state or the whole
-new file, never a partial one under the final name.
+storage folder.  Writes go to a temporary file in the target folder, are fsynced, and only then
+get their final name (a hard link that never replaces a file, or a rename), after which the folder
+is fsynced, so a crash leaves either the old state or the whole new file, never a partial one
+under the final name.  A folder this module creates is fsynced into its parent as well: the
+file's own fsyncs do not keep the name of a new study or series folder.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import os
 import re
@@ -60,6 +63,49 @@ def fsync_dir(folder: Path) -> None:
 _BLOCK = 1024 * 1024
 
 
+def make_folder(folder: Path) -> None:
+    """Create ``folder`` and its missing parents durably: each new folder's name is fsynced into
+    its parent.  One ``stat`` when the folder is already there (every store of a series after the
+    first); a folder another thread or process is creating at the same moment is fsynced too."""
+    if folder.is_dir():
+        return
+    missing: list[Path] = []
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:
+            if not new.is_dir():
+                raise
+        fsync_dir(new.parent)
+
+
+#: errno values of a file system that has no hard links (link(2) refused as such, not failed).
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+def link_new(staged: Path, target: Path) -> bool:
+    """Give the staged file the name ``target`` as well, unless a file has that name.
+
+    ``link(2)`` never replaces a file, so a name another store (thread or process) holds is
+    never taken over: True if the link was made, False if ``target`` exists or this file system
+    has no hard links (the caller then places the file under a name of its own).
+    """
+    try:
+        os.link(staged, target)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno in _NO_LINKS:
+            return False
+        raise
+    return True
+
+
 def temp_name(path: Path) -> Path:
     """A hidden temporary name beside ``path`` (``.<name>.<random>.tmp``: start-up recovery removes these)."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -73,7 +119,7 @@ def stage_bytes(tmp: Path, data: bytes) -> str:
     (``sync_file_range``, Linux), so the fsync that follows waits for a write already under way
     instead of starting it -- about 0.3 ms less per received CT slice than hashing first.
     """
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(tmp.parent)
     with open(tmp, "xb") as fh:
         fh.write(data)
         fh.flush()
@@ -110,7 +156,7 @@ def stage_file(tmp: Path, src: Path) -> None:
     On the same file system the file is hard-linked: no second copy of the bytes, which is the
     receive path's biggest saving.  Across file systems it is copied in blocks.
     """
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(tmp.parent)
     try:
         os.link(src, tmp)
     except OSError:

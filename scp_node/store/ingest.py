@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -31,8 +32,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ..audit import AuditTrail, Event
 from .db import Database
-from .files import (UnsafeUID, check_uid, fsync_dir, instance_path, remove_quietly, sha256_hex, stage_bytes,
-                    stage_file, temp_name)
+from .files import (UnsafeUID, check_uid, fsync_dir, instance_path, link_new, remove_quietly, sha256_hex,
+                    stage_bytes, stage_file, temp_name)
 from .group_commit import GroupCommit
 from .driver import IndexTransaction
 from .index import InstanceRow, add_audit, find_instance, index_instance
@@ -127,16 +128,22 @@ def _discard(path: Path) -> None:
 
 @dataclass(eq=False)
 class _Unit:
-    """One store on its way into the index: its rows, its staged file and what became of it."""
+    """One store on its way into the index: its rows, its file's names and what became of it."""
 
     row: InstanceRow
     origin: Origin
     audit_ids: dict[str, Any]
-    staged: Path
+    staged: Path | None  # the temporary name (None once the file has its plain name instead)
+    linked: Path | None = None  # the plain name, given before the transaction; not indexed yet
     outcome: IngestOutcome | None = None
     old_rel: str | None = None
-    placed: Path | None = None  # where the staged file was renamed to, before the commit
+    placed: Path | None = None  # the name the new index row gives the file (decided in the transaction)
     committed: bool = False
+
+    def leftovers(self) -> set[Path]:
+        """The names of this store's file that no committed index row refers to."""
+        kept = self.placed if self.committed else None
+        return {name for name in (self.staged, self.linked, self.placed) if name is not None and name != kept}
 
 
 @dataclass
@@ -266,13 +273,17 @@ class Ingestor:
 
         One write-locked transaction (not a read one then a write one), shared with the stores
         that arrive while another commits (:mod:`scp_node.store.group_commit`): the SQLite write
-        lock is the point every association queues on.  The file is staged under a
-        temporary name and fsynced first; a new instance gets its final name (and the folder its
-        fsync) inside the transaction, before the commit.  A crash in between leaves a file the
-        index does not know, which :meth:`recover` quarantines at the next start.  A replacement
-        (policy ``replace``) is placed under a name of its own (``<sop>.<digest>.dcm``) in the same
-        way, and the old file is removed only after the commit: at no point does the index point
-        at a file that is not there.
+        lock is the point every association queues on, so nothing but the index work and the
+        commit happens while it is held.  The file is staged under a temporary name and fsynced
+        first, then hard-linked to its plain name ``<sop>.dcm`` and the folder fsynced, all before
+        the transaction.  The link never replaces a file: if the name is taken (the stored copy of
+        a duplicate, or the same instance from another receiver process that has not committed
+        yet), the transaction decides and, if the instance is to be kept, renames the staged file
+        to a name of its own (``<sop>.<random>.dcm``, as a replacement under policy ``replace``
+        gets).  A crash before the commit leaves a file the index does not know, which
+        :meth:`recover` quarantines at the next start; a name the index does not take is removed
+        after the commit, and a replaced copy only then: at no point does the index point at a
+        file that is not there, or at one another store can overwrite.
         """
         path = self.storage_dir / rel
         size = data.stat().st_size if isinstance(data, Path) else len(data)
@@ -295,6 +306,7 @@ class Ingestor:
                          series_uid=series_uid, sop_uid=sop_uid, patient_id=row.patient["patient_id"])
         unit = _Unit(row, origin, audit_ids, staged)
         try:
+            self._link_plain_name(unit, path)
             self._group.run(unit)  # alone, or in one transaction with concurrent stores
             assert unit.outcome is not None
             if unit.outcome is IngestOutcome.REPLACED and unit.old_rel is not None:
@@ -307,35 +319,46 @@ class Ingestor:
         except OSError as exc:
             raise StorageFailure(f"cannot place file: {exc.strerror or exc}") from None
         finally:
-            if unit.placed is None:  # (once placed, the staged name is gone: no need to ask)
-                _discard(unit.staged)  # a duplicate's bytes, or whatever a failure left
-            elif not unit.committed:
-                _discard(unit.placed)
+            for name in unit.leftovers():  # a duplicate's bytes, or whatever a failure left
+                _discard(name)
+
+    @staticmethod
+    def _link_plain_name(unit: _Unit, path: Path) -> None:
+        """Before the transaction: give the staged file its plain name, if no file has it, and
+        make that durable (outside the index lock, so concurrent stores' folder fsyncs overlap)."""
+        assert unit.staged is not None
+        if link_new(unit.staged, path):
+            unit.linked = path
+            _discard(unit.staged)
+            unit.staged = None
+            fsync_dir(path.parent)
 
     def _commit(self, units: list[_Unit]) -> None:
-        """One transaction for ``units``: decide and index each, give each new file its final
-        name, fsync each folder once, commit.  On failure every file is back under its staged
-        name (and nothing is committed) before the exception propagates."""
+        """One transaction for ``units``: decide and index each, rename the files that could not
+        take their plain name to names of their own (fsyncing each such folder once), commit.  On
+        failure every renamed file is back under its staged name (and nothing is committed)
+        before the exception propagates."""
         try:
             with self.db.index_transaction() as tx:
                 folders: dict[Path, None] = {}
                 for unit in units:
-                    unit.outcome, unit.old_rel, new_rel = self._decide_and_index(tx, unit.row, unit.origin,
-                                                                                 unit.audit_ids)
+                    unit.outcome, unit.old_rel, new_rel = self._decide_and_index(tx, unit)
                     if new_rel is not None:
                         unit.placed = self.storage_dir / new_rel
-                        os.replace(unit.staged, unit.placed)
-                        folders[unit.placed.parent] = None
+                        if unit.placed != unit.linked:
+                            assert unit.staged is not None
+                            os.replace(unit.staged, unit.placed)  # a fresh random name: replaces nothing
+                            folders[unit.placed.parent] = None
                 for folder in folders:
                     fsync_dir(folder)
         except BaseException:
             for unit in units:
-                if unit.placed is not None:
+                if unit.placed is not None and unit.placed != unit.linked and unit.staged is not None:
                     try:
                         os.replace(unit.placed, unit.staged)
                     except OSError:
                         pass
-                    unit.placed = None
+                unit.placed = None
                 unit.outcome = unit.old_rel = None
             raise
         for unit in units:
@@ -352,11 +375,12 @@ class Ingestor:
                 if attempt == 2:
                     raise
 
-    def _decide_and_index(self, tx: IndexTransaction, row: InstanceRow, origin: Origin,
-                          audit_ids: dict[str, Any]) -> tuple[IngestOutcome, str | None, str | None]:
+    def _decide_and_index(self, tx: IndexTransaction,
+                          unit: _Unit) -> tuple[IngestOutcome, str | None, str | None]:
         """Inside the transaction: a duplicate is audited (the duplicate policy decides), anything
         else gets its index rows and an audit row.  Returns the outcome, the replaced copy's path
         and the path the new file must get (None: keep no file)."""
+        row, origin, audit_ids = unit.row, unit.origin, unit.audit_ids
         existing = find_instance(tx, row.sop_instance_uid)
         if existing is not None:
             if existing.sha256 == row.sha256:
@@ -368,9 +392,9 @@ class Ingestor:
                     Event.INSTANCE_DUPLICATE, outcome="warning",
                     detail="different bytes; first copy kept (policy keep_first)", **audit_ids))
                 return IngestOutcome.DUPLICATE_KEPT_FIRST, None, None
-            if existing.path == row.path:  # same UIDs: the new copy needs a name of its own
-                name = f"{row.sop_instance_uid}.{row.sha256[:16]}.dcm"
-                row = dataclasses.replace(row, path=str(PurePosixPath(row.path).with_name(name)))
+        if unit.linked is None:  # the plain name is taken (or no hard links here): a name of its own
+            name = f"{row.sop_instance_uid}.{uuid.uuid4().hex[:16]}.dcm"
+            row = dataclasses.replace(row, path=str(PurePosixPath(row.path).with_name(name)))
         index_instance(tx, row, existing)
         detail = f"{row.size} bytes via {origin.via}"
         if existing is not None:
@@ -378,4 +402,6 @@ class Ingestor:
         add_audit(tx, self.audit.values(Event.INSTANCE_STORED, detail=detail, **audit_ids))
         if existing is None:
             return IngestOutcome.STORED, None, row.path
-        return IngestOutcome.REPLACED, existing.path, row.path
+        # (the replaced copy's name is never the new file's: if that name was free for the link,
+        # the old file was already gone)
+        return IngestOutcome.REPLACED, existing.path if existing.path != row.path else None, row.path

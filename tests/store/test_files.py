@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from scp_node.store import files
 from scp_node.store.files import UnsafeUID, check_uid, instance_path, remove_quietly, write_durably
 
 
@@ -84,3 +85,61 @@ def test_stage_bytes_writes_starts_writeback_and_returns_the_digest(tmp_path: Pa
         files.start_writeback(fh.fileno())  # harmless on a clean (or read-only) file
     with pytest.raises(FileExistsError):  # a staged name is never reused
         files.stage_bytes(target, b"other")
+
+
+def test_make_folder_fsyncs_each_new_folder_into_its_parent(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Path] = []
+    real = files.fsync_dir
+
+    def spy(folder: Path) -> None:
+        synced.append(folder)
+        real(folder)
+
+    monkeypatch.setattr(files, "fsync_dir", spy)
+    files.make_folder(tmp_path / "study" / "series")
+    assert (tmp_path / "study" / "series").is_dir()
+    assert synced == [tmp_path, tmp_path / "study"]  # the study's name in its parent, then the series'
+    synced.clear()
+    files.make_folder(tmp_path / "study" / "series")  # already there: nothing to make durable
+    files.make_folder(tmp_path / "study" / "other")
+    assert synced == [tmp_path / "study"]
+
+
+def test_make_folder_refuses_a_file_in_the_way(tmp_path: Path) -> None:
+    (tmp_path / "study").write_bytes(b"x")
+    with pytest.raises(OSError):
+        files.make_folder(tmp_path / "study" / "series")
+
+
+def test_link_new_never_replaces_a_file(tmp_path: Path) -> None:
+    staged, target = tmp_path / ".x.tmp", tmp_path / "x.dcm"
+    staged.write_bytes(b"new")
+    assert files.link_new(staged, target) is True
+    assert target.read_bytes() == b"new" and target.stat().st_ino == staged.stat().st_ino
+    other = tmp_path / ".y.tmp"
+    other.write_bytes(b"other")
+    assert files.link_new(other, target) is False
+    assert target.read_bytes() == b"new"
+
+
+def test_link_new_on_a_file_system_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    staged = tmp_path / ".x.tmp"
+    staged.write_bytes(b"new")
+
+    def refuse(_src: object, _dst: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    assert files.link_new(staged, tmp_path / "x.dcm") is False
+    assert not (tmp_path / "x.dcm").exists()
+
+    def broken(_src: object, _dst: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "link", broken)
+    with pytest.raises(OSError):  # a failing disk is not "no hard links"
+        files.link_new(staged, tmp_path / "x.dcm")

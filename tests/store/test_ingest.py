@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pydicom
 import pytest
@@ -461,10 +461,10 @@ def test_integrity_error_on_the_series_row_is_retried(index_db: Database, storag
     seeing = index._FIND_SERIES
 
     class RacingIngestor(Ingestor):
-        def _decide_and_index(self, conn, row, origin, audit_ids):  # type: ignore[no-untyped-def]
+        def _decide_and_index(self, conn, unit):  # type: ignore[no-untyped-def]
             monkeypatch.setattr(index, "_FIND_SERIES", seeing.where(false()) if not attempts else seeing)
             attempts.append(1)
-            return super()._decide_and_index(conn, row, origin, audit_ids)
+            return super()._decide_and_index(conn, unit)
 
     racing = RacingIngestor(index_db, storage_dir, audit_trail)
     assert racing.ingest(read_bytes(CT_SLICES[1]), ORIGIN) is IngestOutcome.STORED
@@ -504,11 +504,11 @@ def test_concurrent_stores_share_commits_and_a_failing_one_fails_alone(
     bad_sop = pydicom.dcmread(BytesIO(payloads[2]), stop_before_pixels=True).SOPInstanceUID
 
     class SlowIngestor(Ingestor):
-        def _decide_and_index(self, conn, row, origin, audit_ids):  # type: ignore[no-untyped-def]
+        def _decide_and_index(self, conn, unit):  # type: ignore[no-untyped-def]
             _time.sleep(0.03)  # a slow commit: the other stores queue behind it
-            if row.sop_instance_uid == bad_sop:
+            if unit.row.sop_instance_uid == bad_sop:
                 raise RuntimeError("this instance cannot be indexed")
-            return super()._decide_and_index(conn, row, origin, audit_ids)
+            return super()._decide_and_index(conn, unit)
 
     ingestor = SlowIngestor(index_db, storage_dir, audit_trail, "keep_first")
     barrier = threading.Barrier(len(payloads))
@@ -532,3 +532,118 @@ def test_concurrent_stores_share_commits_and_a_failing_one_fails_alone(
     files = stored_files(storage_dir)
     assert len(files) == len(payloads) - 1 and not [f for f in files if f.name.endswith(".tmp")]
     assert ingestor._group.batches < ingestor._group.units  # some stores shared a transaction
+
+
+# -- file names: the plain name is never taken over ----------------------------------------------
+
+def _indexed_files(db: Database, storage: Path) -> dict[Path, str]:
+    with db.session() as s:
+        return {storage / i.path: i.sha256 for i in s.scalars(select(Instance))}
+
+
+def test_a_taken_plain_name_is_left_alone_and_the_instance_gets_its_own(ingestor: Ingestor, index_db: Database,
+                                                                         storage_dir: Path) -> None:
+    """The plain name held by a file the index does not know (another receiver process's store of
+    the same instance, not yet committed, or what a crash left) is never overwritten."""
+    data = read_bytes(CT_SLICES[0])
+    ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+    plain = storage_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    plain.parent.mkdir(parents=True)
+    plain.write_bytes(b"another store's bytes")
+
+    assert ingestor.ingest(data, ORIGIN) is IngestOutcome.STORED
+
+    assert plain.read_bytes() == b"another store's bytes"
+    row = instance_row(index_db, ds.SOPInstanceUID)
+    own = storage_dir / row.path
+    assert own != plain and own.parent == plain.parent and own.name.startswith(f"{ds.SOPInstanceUID}.")
+    assert own.read_bytes() == data
+    assert stored_files(storage_dir) == sorted([plain, own])  # no temporary file left
+
+
+def test_without_hard_links_every_instance_gets_a_name_of_its_own(ingestor: Ingestor, index_db: Database,
+                                                                  storage_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    def no_links(_src: object, _dst: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    data = [read_bytes(p) for p in CT_SLICES[:2]]
+    assert [ingestor.ingest(d, ORIGIN) for d in data] == [IngestOutcome.STORED] * 2
+    assert ingestor.ingest(data[0], ORIGIN) is IngestOutcome.DUPLICATE_IDENTICAL
+    indexed = _indexed_files(index_db, storage_dir)
+    assert sorted(indexed) == stored_files(storage_dir)
+    assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in indexed} == set(indexed.values())
+
+
+def test_a_duplicate_that_found_the_plain_name_free_leaves_no_file(index_db: Database, storage_dir: Path,
+                                                                   audit_trail: AuditTrail) -> None:
+    """After a replacement the index names ``<sop>.<random>.dcm`` and the plain name is free: an
+    identical copy arriving then is linked to it before the transaction, found to be a duplicate
+    and that name removed again."""
+    ingestor = Ingestor(index_db, storage_dir, audit_trail, "replace")
+    first, second = read_bytes(TS_CT_EXPLICIT), read_bytes(TS_CT_IMPLICIT)
+    assert ingestor.ingest(first, ORIGIN) is IngestOutcome.STORED
+    assert ingestor.ingest(second, ORIGIN) is IngestOutcome.REPLACED
+    (kept,) = stored_files(storage_dir)
+    assert ingestor.ingest(second, ORIGIN) is IngestOutcome.DUPLICATE_IDENTICAL
+    assert stored_files(storage_dir) == [kept] and kept.read_bytes() == second
+    # and a third, different copy takes the free plain name; the second copy's file goes
+    third = rewritten(TS_CT_EXPLICIT, InstanceNumber=77)
+    assert ingestor.ingest(third, ORIGIN) is IngestOutcome.REPLACED
+    (now,) = stored_files(storage_dir)
+    assert now.read_bytes() == third and now.name == f"{pydicom.dcmread(BytesIO(third)).SOPInstanceUID}.dcm"
+
+
+def _store_in_own_process(db_url: str, storage: str, secret: bytes, policy: str, payloads: list[bytes],
+                          start: Any) -> list[str]:
+    """One receiver process: its own engine, ingestor and group commit (see the test below)."""
+    from scp_node.audit import AuditTrail as Trail
+    from scp_node.store.db import Database as Db
+    from scp_node.store.ingest import Ingestor as Ing, Origin as Org
+
+    db = Db(db_url)
+    ing = Ing(db, Path(storage), Trail(db, secret), policy)
+    start.wait()
+    outcomes = [ing.ingest(p, Org("RACE", "127.0.0.1")).value for p in payloads]
+    db.dispose()
+    return outcomes
+
+
+@pytest.mark.parametrize("policy", ["keep_first", "replace"])
+def test_two_processes_storing_the_same_new_instances_keep_one_whole_file_each(
+        policy: str, tmp_path: Path, audit_secret: bytes) -> None:
+    """Two receiver processes race on the same new SOP Instance UIDs, half of them with different
+    bytes: each instance ends with one index row that names a file holding exactly the bytes its
+    digest says, and no file is left that the index does not name."""
+    import multiprocessing
+
+    db_url, storage = f"sqlite:///{tmp_path / 'index.db'}", tmp_path / "storage"
+    Database(db_url).dispose()  # the schema, once, before the race
+    a, b = [], []
+    for i, path in enumerate(CT_SLICES[:8]):
+        data = read_bytes(path)
+        a.append(data)
+        b.append(data if i % 2 else rewritten(path, InstanceNumber=1000 + i))
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        start = manager.Barrier(2)
+        with ctx.Pool(2) as pool:
+            results = [pool.apply_async(_store_in_own_process, (db_url, str(storage), audit_secret, policy,
+                                                                 payloads, start)) for payloads in (a, b)]
+            outcomes_a, outcomes_b = [r.get(120) for r in results]
+    for i, pair in enumerate(zip(outcomes_a, outcomes_b)):
+        assert "stored" in pair, (i, pair)  # exactly one of the two created it ...
+        assert sorted(pair)[0] != sorted(pair)[1]
+    db = Database(db_url)
+    try:
+        indexed = _indexed_files(db, storage)
+        assert len(indexed) == 8
+        assert sorted(indexed) == stored_files(storage)  # ... and nothing else is left
+        for file, digest in indexed.items():
+            assert hashlib.sha256(file.read_bytes()).hexdigest() == digest
+    finally:
+        db.dispose()
