@@ -26,7 +26,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, negotiation
 from .audit import AuditTrail
 from .config import Config
 from .handlers import (AccessList, handle_aborted, handle_accepted, handle_conn_open, handle_echo,
@@ -242,6 +242,7 @@ class DimseListener:
         # validation only ever warns; the UIDs the node relies on are checked by store.files.check_uid.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         remember_uid_validity()
+        negotiation.install()  # a request seen before is negotiated from memory
         tls = server_context(self.config.node)
         n = self.config.node
         server = self.ae.make_server((n.host, n.port), ssl_context=tls, evt_handlers=self._handlers(),

@@ -47,6 +47,8 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
+from .negotiation import accept_pdu_bytes, remember_request_primitive
+
 log = logging.getLogger(__name__)
 
 #: Longest wait without an event, in seconds: the granularity of the ARTIM and idle timers.
@@ -59,6 +61,7 @@ _P_DATA_TF = 0x04
 #: Handlers of these events need pynetdicom's decoded PDU and its state machine turn.
 _WATCHING_RECEIVED = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV)
 _WATCHING_EVENTS = (*_WATCHING_RECEIVED, evt.EVT_FSM_TRANSITION)
+_WATCHING_SENT = (evt.EVT_PDU_SENT, evt.EVT_FSM_TRANSITION)  # (EVT_DATA_SENT: the socket tells)
 
 
 #: Decoded A-ASSOCIATE-RQ PDUs by their bytes (see WakingUpperLayer._decode_pdu), oldest first.
@@ -94,9 +97,30 @@ class _WakingStateMachine(StateMachine):
     def do_action(self, event: str) -> None:
         state = self.current_state
         try:
-            super().do_action(event)
+            if event == "Evt7" and state == "Sta3" and not any(self.dul.assoc.get_handlers(e) for e in _WATCHING_SENT):
+                self._send_associate_ac()
+            else:
+                super().do_action(event)
         finally:
             self.dul.wake_association(state != self.current_state)  # type: ignore[attr-defined]
+
+    def _send_associate_ac(self) -> None:
+        """AE-7 (send the A-ASSOCIATE-AC, go to Sta6) with the PDU bytes remembered for an accept
+        seen before (:func:`scp_node.negotiation.accept_pdu_bytes`).  Only when no handler
+        watches sent PDUs or transitions, which pynetdicom's AE-7 would have told."""
+        dul = self.dul
+        try:
+            primitive = dul.to_provider_queue.get(False)
+            data = accept_pdu_bytes(primitive)
+            if dul.socket is not None:
+                dul.socket.send(data)
+            else:
+                log.warning("Attempted to send data over closed connection")
+            self.transition("Sta6")
+        except Exception:
+            log.exception("State machine failed sending the A-ASSOCIATE-AC in state Sta3")
+            dul.kill_dul()
+            raise
 
 
 class WakingUpperLayer(DULServiceProvider):
@@ -286,6 +310,8 @@ class WakingUpperLayer(DULServiceProvider):
                 _ASSOCIATE_RQ_CACHE[key] = pdu  # most recently used last
                 return pdu, "Evt6"
         pdu, event = super()._decode_pdu(bytestream)
+        if event == "Evt6":
+            remember_request_primitive(pdu)  # later requests get copies of one primitive
         with _ASSOCIATE_RQ_LOCK:
             _ASSOCIATE_RQ_CACHE[key] = pdu
             while len(_ASSOCIATE_RQ_CACHE) > _ASSOCIATE_RQ_CACHED:

@@ -1,0 +1,166 @@
+"""Association negotiation for a request seen before: the same answer, not worked out again.
+
+A modality that opens an association per image sends the same A-ASSOCIATE-RQ every time, and for
+each one pynetdicom turned the decoded request into a primitive (a UID object and a validation per
+abstract and transfer syntax), negotiated its ~120 presentation contexts against the node's and
+built and encoded the A-ASSOCIATE-AC from scratch: together half of the CPU such an association
+cost.  Each of these steps is a pure function of its input, so each is remembered here by its
+input's *content* (the last :data:`REMEMBERED` of each, most recently used kept), and whatever it
+hands out is a fresh copy: no association holds an object another one can change.
+
+- :func:`remember_request_primitive` -- the A-ASSOCIATE indication of a decoded request (AE-6);
+- :func:`negotiate_as_acceptor` -- pynetdicom's presentation context negotiation, installed in
+  its ACSE by :func:`install`;
+- :func:`accept_pdu_bytes` -- the encoded A-ASSOCIATE-AC for an accept primitive (AE-7).
+
+The tests compare every output with what pynetdicom computes for the same input.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Hashable
+
+from pynetdicom import acse as _acse
+from pynetdicom import presentation as _presentation
+from pynetdicom.pdu import A_ASSOCIATE_AC
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.presentation import PresentationContext
+
+#: How many different inputs each step remembers (a node hears a handful of distinct requests).
+REMEMBERED = 16
+
+
+class _Remembered:
+    """A small thread-safe map that forgets the least recently used key beyond ``size``."""
+
+    def __init__(self, size: int = REMEMBERED) -> None:
+        self._size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+def copy_context(cx: PresentationContext) -> PresentationContext:
+    """A new presentation context with ``cx``'s values (its transfer syntax list copied too)."""
+    new = PresentationContext.__new__(PresentationContext)
+    new.__dict__.update(cx.__dict__)
+    new._transfer_syntax = list(cx._transfer_syntax)
+    return new
+
+
+# -- AE-6: the request primitive --------------------------------------------------------------
+
+def copy_request_primitive(template: A_ASSOCIATE) -> A_ASSOCIATE:
+    """A new A-ASSOCIATE (request) primitive equal to ``template``: its presentation contexts and
+    user information items are copies, so the association may change them freely."""
+    primitive = A_ASSOCIATE.__new__(A_ASSOCIATE)
+    primitive.__dict__.update(template.__dict__)
+    primitive._presentation_context_definition_list = [
+        copy_context(cx) for cx in template._presentation_context_definition_list]
+    primitive._presentation_context_definition_results_list = []
+    primitive._user_information = [copy.copy(item) for item in template._user_information]
+    return primitive
+
+
+def remember_request_primitive(pdu: Any) -> None:
+    """Make the decoded A-ASSOCIATE-RQ ``pdu`` (kept for identical requests by the upper layer)
+    hand out copies of one primitive instead of building a new one from its items each time.
+
+    pynetdicom's AE-6 calls ``pdu.to_primitive()``; the PDU object is only read, so its
+    primitive is worked out once here and every later call returns :func:`copy_request_primitive`
+    of it.
+    """
+    template = pdu.to_primitive()
+    pdu.to_primitive = functools.partial(copy_request_primitive, template)
+
+
+# -- presentation context negotiation ---------------------------------------------------------
+
+_pynetdicom_negotiate: Callable[..., Any] = _presentation.negotiate_as_acceptor
+_negotiated = _Remembered()
+
+
+def _negotiation_key(rq_contexts: list[PresentationContext], ac_contexts: list[PresentationContext],
+                     roles: dict[Any, Any] | None) -> Hashable:
+    """Everything :func:`pynetdicom.presentation.negotiate_as_acceptor` reads of its input."""
+    return (tuple((cx._context_id, cx._abstract_syntax, tuple(cx._transfer_syntax)) for cx in rq_contexts),
+            tuple((cx._abstract_syntax, tuple(cx._transfer_syntax), cx._scu_role, cx._scp_role)
+                  for cx in ac_contexts),
+            tuple(sorted((roles or {}).items())))
+
+
+def negotiate_as_acceptor(rq_contexts: list[PresentationContext], ac_contexts: list[PresentationContext],
+                          roles: dict[Any, Any] | None = None) -> tuple[list[PresentationContext], list[Any]]:
+    """pynetdicom's negotiation, remembered: the result contexts and role selection items for a
+    proposal and a set of supported contexts seen before are copies of the earlier ones."""
+    try:
+        key = _negotiation_key(rq_contexts, ac_contexts, roles)
+        hash(key)
+    except (AttributeError, TypeError):  # something unusual: no shortcut
+        return _pynetdicom_negotiate(rq_contexts, ac_contexts, roles)
+    known = _negotiated.get(key)
+    if known is None:
+        known = _pynetdicom_negotiate(rq_contexts, ac_contexts, roles)
+        _negotiated.put(key, known)
+    contexts, role_items = known
+    return [copy_context(cx) for cx in contexts], [copy.copy(item) for item in role_items]
+
+
+def install() -> None:
+    """Make pynetdicom's ACSE negotiate through :func:`negotiate_as_acceptor` (idempotent)."""
+    _acse.negotiate_as_acceptor = negotiate_as_acceptor
+
+
+# -- AE-7: the encoded A-ASSOCIATE-AC ---------------------------------------------------------
+
+_accept_pdus = _Remembered()
+
+
+def _accept_key(primitive: A_ASSOCIATE) -> Hashable:
+    """Everything ``A_ASSOCIATE_AC.from_primitive`` and its items read of the primitive."""
+    return (primitive.application_context_name, primitive.calling_ae_title, primitive.called_ae_title,
+            tuple((cx._context_id, cx.result, tuple(cx._transfer_syntax[:1]))
+                  for cx in primitive.presentation_context_definition_results_list),
+            tuple((type(item), tuple(sorted(vars(item).items()))) for item in primitive.user_information))
+
+
+def accept_pdu_bytes(primitive: A_ASSOCIATE) -> bytes:
+    """The encoded A-ASSOCIATE-AC PDU for the accept ``primitive`` (as ``A_ASSOCIATE_AC(primitive)
+    .encode()``), remembered by the primitive's content."""
+    try:
+        key = _accept_key(primitive)
+        hash(key)
+    except (AttributeError, TypeError):
+        return A_ASSOCIATE_AC(primitive).encode()
+    data = _accept_pdus.get(key)
+    if data is None:
+        data = A_ASSOCIATE_AC(primitive).encode()
+        _accept_pdus.put(key, data)
+    return data
+
+
+def forget() -> None:
+    """Drop everything remembered (tests; a reconfigured AE needs nothing of the kind: its
+    supported contexts are part of the negotiation key)."""
+    _negotiated.clear()
+    _accept_pdus.clear()
