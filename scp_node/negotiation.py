@@ -62,9 +62,10 @@ class _Remembered:
 
 def copy_context(cx: PresentationContext) -> PresentationContext:
     """A new presentation context with ``cx``'s values (its transfer syntax list copied too)."""
-    new = PresentationContext.__new__(PresentationContext)
-    new.__dict__.update(cx.__dict__)
-    new._transfer_syntax = list(cx._transfer_syntax)
+    new = object.__new__(PresentationContext)
+    values = cx.__dict__.copy()
+    values["_transfer_syntax"] = values["_transfer_syntax"][:]
+    new.__dict__ = values
     return new
 
 
