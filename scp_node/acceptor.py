@@ -156,7 +156,9 @@ class WakingRequestHandler(RequestHandler):
         acceptor.address_info = self.local
         acceptor.implementation_class_uid = self.ae.implementation_class_uid
         acceptor.implementation_version_name = self.ae.implementation_version_name
-        acceptor.supported_contexts = deepcopy(self.server.contexts)
+        contexts = self.server.contexts  # the node's are read-only during an association (see listener)
+        acceptor.supported_contexts = contexts if getattr(contexts, "shared_by_associations", False) \
+            else deepcopy(contexts)
         assoc.requestor.address_info = self.remote
 
         handlers = self.server._handlers

@@ -95,7 +95,14 @@ class _ContextList(list):  # type: ignore[type-arg]
     CPU under the interpreter lock — per association, which is per instance for the many
     modalities that open one association per image.  UIDs are immutable strings, so a copy of each
     context object with fresh lists is the same thing, in ~0.13 ms.
+
+    The node's own associations do not even take that copy (``shared_by_associations``, read by
+    :class:`scp_node.acceptor.WakingRequestHandler`): during an association the supported
+    contexts are only read, by the negotiation, which builds new result contexts, and no
+    handler of the node touches them.  The list is fixed once the server serves.
     """
+
+    shared_by_associations = True
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
         copies = []

@@ -101,13 +101,23 @@ _pynetdicom_negotiate: Callable[..., Any] = _presentation.negotiate_as_acceptor
 _negotiated = _Remembered()
 
 
+def _supported_key(ac_contexts: list[PresentationContext]) -> Hashable:
+    """The part of the key for the supported contexts: worked out once for a list the node's
+    associations share (it is fixed while the server serves; see scp_node.listener)."""
+    key = getattr(ac_contexts, "negotiation_key", None)
+    if key is None:
+        key = tuple((cx._abstract_syntax, tuple(cx._transfer_syntax), cx._scu_role, cx._scp_role)
+                    for cx in ac_contexts)
+        if getattr(ac_contexts, "shared_by_associations", False):
+            ac_contexts.negotiation_key = key  # type: ignore[attr-defined]
+    return key
+
+
 def _negotiation_key(rq_contexts: list[PresentationContext], ac_contexts: list[PresentationContext],
                      roles: dict[Any, Any] | None) -> Hashable:
     """Everything :func:`pynetdicom.presentation.negotiate_as_acceptor` reads of its input."""
     return (tuple((cx._context_id, cx._abstract_syntax, tuple(cx._transfer_syntax)) for cx in rq_contexts),
-            tuple((cx._abstract_syntax, tuple(cx._transfer_syntax), cx._scu_role, cx._scp_role)
-                  for cx in ac_contexts),
-            tuple(sorted((roles or {}).items())))
+            _supported_key(ac_contexts), tuple(sorted((roles or {}).items())))
 
 
 def negotiate_as_acceptor(rq_contexts: list[PresentationContext], ac_contexts: list[PresentationContext],

@@ -4,6 +4,7 @@ for the same input, is a fresh copy, and real associations still get what they p
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -178,3 +179,57 @@ def test_associations_with_a_remembered_negotiation_get_what_they_proposed() -> 
     assert echo == [(Verification, ImplicitVRLittleEndian, 0)]
     assert len(acs) == 3 and acs[0] == acs[1] == acs[2]
     assert acs_all[3] != acs[0] and acs_all[3][26:42] == b"OTHERMOD".ljust(16)  # its own calling AE echoed
+
+
+def test_the_nodes_shared_supported_contexts_are_only_read() -> None:
+    """The node's associations share the server's supported contexts (no copy per association):
+    negotiating against them, remembered or not, equals pynetdicom's against a private copy and
+    leaves them exactly as they were."""
+    import copy
+
+    from scp_node import config as config_mod
+    from scp_node.listener import DimseListener, _ContextList
+
+    listener = DimseListener.__new__(DimseListener)
+    listener.config = config_mod.from_mapping({"node": {}}, Path("/tmp"), environ={})
+    shared = _ContextList(listener._make_ae().supported_contexts)
+    before = [copy.deepcopy(vars(cx)) for cx in shared]
+    rq = A_ASSOCIATE_RQ.to_primitive(_request_pdu()).presentation_context_definition_list
+    roles = {CTImageStorage: (True, False)}
+    expected = pynetdicom_negotiate(rq, copy.deepcopy(list(shared)), roles)
+    for _ in range(3):
+        contexts, role_items = negotiation.negotiate_as_acceptor(rq, shared, roles)
+        assert _contexts(contexts) == _contexts(expected[0]) and _items(role_items) == _items(expected[1])
+        contexts[0].transfer_syntax = [JPEG2000Lossless]  # an association changing its result
+    assert [vars(cx) for cx in shared] == before
+
+
+def test_node_associations_share_the_servers_contexts_and_leave_them_unchanged() -> None:
+    import copy
+
+    from scp_node.listener import _ContextList
+
+    negotiation.install()
+    ae = AE("SCP_NODE")
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    seen: list[Any] = []
+    server = ae.make_server(("127.0.0.1", 0), server_class=ThreadedAssociationServer,
+                            request_handler=WakingRequestHandler,
+                            evt_handlers=[(evt.EVT_ACCEPTED, lambda e: seen.append(e.assoc.acceptor.supported_contexts))])
+    server.contexts = _ContextList(server.contexts)  # as the node's server has them
+    before = [copy.deepcopy(vars(cx)) for cx in server.contexts]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ae._servers.append(server)
+    try:
+        for syntaxes in ([ImplicitVRLittleEndian], [ExplicitVRLittleEndian], [ImplicitVRLittleEndian]):
+            requestor = AE("MODALITY")
+            requestor.add_requested_context(CTImageStorage, syntaxes)
+            assoc = requestor.associate("127.0.0.1", server.server_address[1], ae_title="SCP_NODE")
+            assert assoc.is_established
+            assert [cx.transfer_syntax[0] for cx in assoc.accepted_contexts] == syntaxes
+            assoc.release()
+    finally:
+        server.shutdown()
+    assert len(seen) == 3 and all(contexts is server.contexts for contexts in seen)
+    assert [vars(cx) for cx in server.contexts] == before
