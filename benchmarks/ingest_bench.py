@@ -9,12 +9,16 @@ after; writes the figures to
 ``test-artifacts/ingest-bench.json``.
 
     python benchmarks/ingest_bench.py [--senders 4] [--rounds 1] [--repeat 1] [--only scp_node,orthanc,storescp]
-                                      [--association-per-instance]
+                                      [--association-per-instance] [--fsync-delay-us N]
 
 ``--rounds N`` sends N series per sender per receiver (memory over many instances: 4 senders x
 19 rounds x 133 = 10,108 instances).  scp_node runs as ``scp-node serve`` with the tiny test
 model and a series window long enough that no analysis runs during the measurement: this is
 the receive path, durable (fsync) and indexed (SQLite, synchronous=FULL).
+
+``--fsync-delay-us N`` stands in for a slower disk than the one the benchmark runs on: a small
+``LD_PRELOAD`` library (``benchmarks/fsync_delay.c``, built with ``cc``) makes every ``fsync`` and
+``fdatasync`` of scp_node and Orthanc (and of SQLite inside them) return N microseconds later.
 """
 
 from __future__ import annotations
@@ -76,6 +80,16 @@ def rss_mib(pid: int) -> dict[str, float]:
                 key = line.split(":")[0]
                 out[key] = round(out[key] + int(line.split()[1]) / 1024, 1)
     return out
+
+
+def slow_fsync(delay_us: int, work: Path) -> None:
+    """Build the fsync delay library and set it for every process started from now on (the
+    receivers; the senders' environment, ``ENV``, was taken before)."""
+    lib = work / "fsync_delay.so"
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(Path(__file__).with_name("fsync_delay.c")),
+                    "-ldl"], check=True)
+    os.environ["LD_PRELOAD"] = str(lib)
+    os.environ["FSYNC_DELAY_US"] = str(delay_us)
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -165,12 +179,16 @@ def main() -> None:
     ap.add_argument("--association-per-instance", action="store_true",
                     help="one storescu (one association) per file, as many CR/DX modalities send")
     ap.add_argument("--profile", type=Path, help="py-spy (collapsed stacks) of scp_node while it receives")
+    ap.add_argument("--fsync-delay-us", type=int, default=0,
+                    help="make every fsync of the receivers N microseconds slower (a slower disk)")
     args = ap.parse_args()
     targets = args.only.split(",")
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     try:
         files = sorted(CT_DIR.glob("*.dcm"))
         copies = rewrite_copies(files, work / "data", args.senders * args.rounds)
+        if args.fsync_delay_us:
+            slow_fsync(args.fsync_delay_us, work)
         batches = [copies[s * args.rounds:(s + 1) * args.rounds] for s in range(args.senders)]
         n = sum(len(b) for sb in batches for b in sb)
         size = sum(p.stat().st_size for sb in batches for b in sb for p in b)
@@ -244,7 +262,7 @@ def main() -> None:
                       f"(range {min(values):.2f}-{max(values):.2f})")
         out = REPO / "test-artifacts" / "ingest-bench.json"
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"senders": args.senders, "rounds": args.rounds, "repeat": args.repeat, "instances": n,
+        out.write_text(json.dumps({"senders": args.senders, "rounds": args.rounds, "repeat": args.repeat, "fsync_delay_us": args.fsync_delay_us, "instances": n,
                                    "association_per_instance": args.association_per_instance,
                                    "megabytes": round(size / 1e6), "cpus": os.cpu_count(), "results": results},
                                   indent=2) + "\n")
