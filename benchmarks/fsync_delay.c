@@ -18,17 +18,11 @@ static void wait_more(void) {
     while (nanosleep(&ts, &ts) == -1 && errno == EINTR) {}
     errno = saved;
 }
-int fsync(int fd) {
-    static int (*real)(int);
-    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
-    int rc = real(fd);
+static int delayed(int (**real)(int), const char *name, int fd) {
+    if (!*real) *real = (int (*)(int))dlsym(RTLD_NEXT, name);
+    int rc = (*real)(fd);
     wait_more();
     return rc;
 }
-int fdatasync(int fd) {
-    static int (*real)(int);
-    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
-    int rc = real(fd);
-    wait_more();
-    return rc;
-}
+int fsync(int fd) { static int (*real)(int); return delayed(&real, "fsync", fd); }
+int fdatasync(int fd) { static int (*real)(int); return delayed(&real, "fdatasync", fd); }

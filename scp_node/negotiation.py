@@ -124,12 +124,11 @@ def negotiate_as_acceptor(rq_contexts: list[PresentationContext], ac_contexts: l
                           roles: dict[Any, Any] | None = None) -> tuple[list[PresentationContext], list[Any]]:
     """pynetdicom's negotiation, remembered: the result contexts and role selection items for a
     proposal and a set of supported contexts seen before are copies of the earlier ones."""
-    try:
+    try:  # (the key is hashed once, by the look-up: a tuple does not keep its hash)
         key = _negotiation_key(rq_contexts, ac_contexts, roles)
-        hash(key)
+        known = _negotiated.get(key)
     except (AttributeError, TypeError):  # something unusual: no shortcut
         return _pynetdicom_negotiate(rq_contexts, ac_contexts, roles)
-    known = _negotiated.get(key)
     if known is None:
         known = _pynetdicom_negotiate(rq_contexts, ac_contexts, roles)
         _negotiated.put(key, known)
@@ -160,10 +159,9 @@ def accept_pdu_bytes(primitive: A_ASSOCIATE) -> bytes:
     .encode()``), remembered by the primitive's content."""
     try:
         key = _accept_key(primitive)
-        hash(key)
+        data = _accept_pdus.get(key)
     except (AttributeError, TypeError):
         return A_ASSOCIATE_AC(primitive).encode()
-    data = _accept_pdus.get(key)
     if data is None:
         data = A_ASSOCIATE_AC(primitive).encode()
         _accept_pdus.put(key, data)

@@ -271,19 +271,14 @@ class Ingestor:
               sop_class: str, study_uid: str, series_uid: str) -> IngestOutcome:
         """Stage the file durably, then decide and index in one transaction.
 
-        One write-locked transaction (not a read one then a write one), shared with the stores
-        that arrive while another commits (:mod:`scp_node.store.group_commit`): the SQLite write
-        lock is the point every association queues on, so nothing but the index work and the
-        commit happens while it is held.  The file is staged under a temporary name and fsynced
-        first, then hard-linked to its plain name ``<sop>.dcm`` and the folder fsynced, all before
-        the transaction.  The link never replaces a file: if the name is taken (the stored copy of
-        a duplicate, or the same instance from another receiver process that has not committed
-        yet), the transaction decides and, if the instance is to be kept, renames the staged file
-        to a name of its own (``<sop>.<random>.dcm``, as a replacement under policy ``replace``
-        gets).  A crash before the commit leaves a file the index does not know, which
-        :meth:`recover` quarantines at the next start; a name the index does not take is removed
-        after the commit, and a replaced copy only then: at no point does the index point at a
-        file that is not there, or at one another store can overwrite.
+        One write-locked transaction, shared with concurrent stores (:mod:`.group_commit`), holds
+        only the index work and the commit.  Before it, the staged and fsynced file is hard-linked
+        to its plain name ``<sop>.dcm`` and the folder fsynced.  The link never replaces a file:
+        if the name is taken (a duplicate's stored copy, or the same instance from another
+        receiver process not committed yet), a kept instance is renamed inside the transaction to
+        a name of its own (``<sop>.<random>.dcm``, as a replacement gets).  A crash before the
+        commit leaves an unindexed file for :meth:`recover`; names the index does not take, and a
+        replaced copy, are removed after the commit: the index never points at a missing file.
         """
         path = self.storage_dir / rel
         size = data.stat().st_size if isinstance(data, Path) else len(data)
