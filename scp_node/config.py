@@ -156,6 +156,14 @@ class WebConfig:
     token_sha256: tuple[str, ...] = ()
     #: Largest accepted request body (STOW-RS), checked while the body streams in.
     max_body_bytes: int = 2 * 1024**3
+    #: Most parts in one STOW-RS request; more is refused (413) before the rest is read.
+    max_parts: int = 10000
+    #: Seconds a client may take to send a request's headers, and an idle keep-alive connection
+    #: is kept open; half-open connections are closed after these (and counted in the audit).
+    header_timeout_seconds: float = 30.0
+    keep_alive_seconds: float = 5.0
+    #: Most HTTP connections open at once; beyond it new requests are answered 503.
+    max_connections: int = 64
     #: PEM certificate and key; both set means HTTPS. Relative paths: from the config file's folder.
     tls_cert: str = ""
     tls_key: str = ""
@@ -456,13 +464,14 @@ def _web_config(values: Any, base: Path) -> WebConfig:
     bad = [i + 1 for i, h in enumerate(hashes) if not _SHA256_HEX.match(h)]
     if bad:
         raise ConfigError(f"[web] token_sha256 entries {bad} are not 64 hex characters (a SHA-256, not the token)")
-    if web.max_body_bytes <= 0:
-        raise ConfigError("[web] max_body_bytes must be positive")
+    for key in ("max_body_bytes", "max_parts", "header_timeout_seconds", "keep_alive_seconds", "max_connections"):
+        if getattr(web, key) <= 0:
+            raise ConfigError(f"[web] {key} must be positive")
     if bool(web.tls_cert) != bool(web.tls_key):
         raise ConfigError("[web] tls_cert and tls_key must be set together")
     tls = {k: str(base / v) if v and not Path(v).is_absolute() else v
            for k, v in (("tls_cert", web.tls_cert), ("tls_key", web.tls_key))}
-    return WebConfig(host=web.host, port=web.port, token_sha256=hashes, max_body_bytes=web.max_body_bytes, **tls)
+    return dataclasses.replace(web, token_sha256=hashes, **tls)
 
 
 def _dicomweb_destination(i: int, d: Mapping[str, Any]) -> Destination:
