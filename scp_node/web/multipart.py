@@ -29,6 +29,10 @@ class BodyTooLarge(ValueError):
     """More bytes arrived than the configured limit."""
 
 
+class TooManyParts(BodyTooLarge):
+    """More parts arrived than the configured limit (the rest of the body is not parsed)."""
+
+
 @dataclass
 class Part:
     """One body part: its headers (names lower-cased) and its content in a spooled file."""
@@ -79,8 +83,12 @@ def _parse_headers(raw: bytes) -> dict[str, str]:
 
 
 async def read_parts(chunks: AsyncIterator[bytes], boundary: str | None, limit: int,
-                     spool_dir: Path | None = None) -> Parts:
+                     spool_dir: Path | None = None, max_parts: int | None = None) -> Parts:
     """Read the whole body from ``chunks``; return its parts or raise MultipartError / BodyTooLarge.
+
+    ``max_parts`` bounds the number of parts: the part after the last allowed one raises
+    :class:`TooManyParts` as soon as its headers are read, so a body of many tiny parts costs
+    no more work than ``max_parts`` of them.
 
     The first delimiter may come without a leading CRLF (RFC 2046 allows a preamble before it);
     the body is matched as if it began with CRLF so every delimiter is ``CRLF--boundary``.
@@ -141,6 +149,8 @@ async def read_parts(chunks: AsyncIterator[bytes], boundary: str | None, limit: 
                         if len(buf) > MAX_HEADER_BYTES:
                             raise MultipartError("part headers too long")
                         break
+                    if max_parts is not None and len(parts.items) >= max_parts:
+                        raise TooManyParts(f"more than {max_parts} parts in one request")
                     headers = _parse_headers(bytes(buf[2:end]))
                     del buf[:end + 4]
                     # The body starts right here; the CRLF before the next delimiter belongs to it.

@@ -57,14 +57,63 @@ def _values(raw: str) -> set[str]:
     return {v.strip() for v in re.split(r"[,\\]", raw) if v.strip()}
 
 
+#: Longest wildcard pattern accepted (after runs of ``*`` are collapsed): longer than any value
+#: the index holds (PN is at most 324 characters), so nothing legitimate is refused.
+MAX_PATTERN = 1024
+
+
+def _segment_regex(segment: str) -> re.Pattern[str]:
+    """A ``*``-free piece of a pattern: literal characters and ``?`` (any one character).
+
+    Without quantifiers the regex has a fixed length, so a search costs at most
+    len(value) x len(segment) steps: there is nothing to backtrack into.
+    """
+    return re.compile("".join("." if c == "?" else re.escape(c) for c in segment), re.DOTALL)
+
+
 def _wildcard(pattern: str, fold: bool) -> Callable[[Any], bool]:
+    """DICOM wildcard matching (PS3.4 C.2.2.2.4: ``*`` any run, ``?`` one character) in linear time.
+
+    Why not one regex with ``.*`` per star: Python's ``re`` backtracks, and a query like
+    ``PatientName=************x`` cost seconds per record, tripling with every star, while
+    holding the interpreter lock (the DIMSE port and the scheduler stalled with it).  Here the
+    pattern is split at its stars; the first piece must match at the start, the last at the end,
+    and each piece between is found leftmost after the previous one.  Greedy leftmost placement
+    is exact for ``*`` patterns (a later placement never leaves more room), so each piece is
+    searched once: the cost is bounded by len(pattern) x len(value), never exponential.
+    """
+    if len(pattern) > MAX_PATTERN * 4:
+        raise QueryError(f"matching value longer than {MAX_PATTERN * 4} characters")
+    pattern = re.sub(r"\*{2,}", "*", pattern)
+    if len(pattern) > MAX_PATTERN:
+        raise QueryError(f"matching value longer than {MAX_PATTERN} characters")
+    norm: Callable[[str], str] = (lambda t: t.casefold()) if fold else (lambda t: t)
+    pattern = norm(pattern)
     if "*" not in pattern and "?" not in pattern:
-        if fold:
-            return lambda v: str(v or "").casefold() == pattern.casefold()
-        return lambda v: str(v or "") == pattern
-    rx = re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern),
-                    re.IGNORECASE if fold else 0)
-    return lambda v: rx.fullmatch(str(v or "")) is not None
+        return lambda v: norm(str(v or "")) == pattern
+    pieces = [_segment_regex(p) for p in pattern.split("*")]
+    if len(pieces) == 1:  # only '?': a fixed-length match of the whole value
+        only = pieces[0]
+        return lambda v: only.fullmatch(norm(str(v or ""))) is not None
+    head, middle, tail = pieces[0], pieces[1:-1], pieces[-1]
+    tail_len = len(pattern) - pattern.rfind("*") - 1
+
+    def match(v: Any) -> bool:
+        text = norm(str(v or ""))
+        m = head.match(text)
+        if m is None:
+            return False
+        pos, end = m.end(), len(text) - tail_len
+        if end < pos or tail.fullmatch(text, end) is None:
+            return False
+        for piece in middle:
+            m = piece.search(text, pos, end)
+            if m is None:
+                return False
+            pos = m.end()
+        return True
+
+    return match
 
 
 def _date_range(raw: str) -> Callable[[Any], bool]:

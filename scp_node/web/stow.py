@@ -139,8 +139,9 @@ async def store_instances(request: Request) -> Response:
         return await _refuse(ctx, request, 413, f"request body larger than {limit} bytes")
     ctx.spool_dir.mkdir(parents=True, exist_ok=True)
     try:
-        parts = await read_parts(request.stream(), media.params.get("boundary"), limit, ctx.spool_dir)
-    except BodyTooLarge as exc:
+        parts = await read_parts(request.stream(), media.params.get("boundary"), limit, ctx.spool_dir,
+                                 max_parts=ctx.web.max_parts)
+    except BodyTooLarge as exc:  # (TooManyParts included: 413, one audit row for the request)
         return await _refuse(ctx, request, 413, str(exc))
     except MultipartError as exc:
         return await _refuse(ctx, request, 400, f"bad multipart body: {exc}")
@@ -156,23 +157,33 @@ async def store_instances(request: Request) -> Response:
     return await _answer(ctx, request, results, study)
 
 
+#: Refused parts audited and logged one by one; beyond these a request's refusals are counted in
+#: its summary row only, so a body of many bad parts cannot flood the audit table or the log.
+MAX_PART_AUDIT_ROWS = 100
+MAX_PART_LOG_LINES = 10
+
+
 async def _answer(ctx: WebContext, request: Request, results: list[PartResult], study: str | None) -> Response:
     failed = [r for r in results if r.failure is not None]
     peer = client_address(request)
 
     def audit() -> None:
-        for r in failed:
+        for r in failed[:MAX_PART_AUDIT_ROWS]:
             ctx.audit.record(Event.INSTANCE_REJECTED, outcome="failure", peer=peer, sop_uid=r.sop_uid,
                              study_uid=r.study_uid, series_uid=r.series_uid,
                              detail=f"STOW-RS 0x{r.failure:04X} {r.reason}")
+        unlisted = len(failed) - MAX_PART_AUDIT_ROWS
         ctx.audit.record(Event.STOW_RECEIVED, outcome="success" if not failed else
                          "failure" if len(failed) == len(results) else "warning", peer=peer,
                          study_uid=study or "",
-                         detail=f"{len(results) - len(failed)} stored, {len(failed)} failed")
+                         detail=f"{len(results) - len(failed)} stored, {len(failed)} failed"
+                         + (f" ({unlisted} failures without a row of their own)" if unlisted > 0 else ""))
 
     await run_in_threadpool(audit)
-    for r in failed:
+    for r in failed[:MAX_PART_LOG_LINES]:
         log.warning("STOW-RS part refused (0x%04X): %s", r.failure, r.reason)
+    if len(failed) > MAX_PART_LOG_LINES:
+        log.warning("STOW-RS: %d more parts refused", len(failed) - MAX_PART_LOG_LINES)
     status = 200 if not failed else 409 if len(failed) == len(results) else 202
     rsp = response_dataset(results, dicomweb_root(request), study)
     return DicomJSONResponse(rsp.to_json_dict(), status_code=status)
