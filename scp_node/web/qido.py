@@ -95,7 +95,8 @@ def _search(request: Request, level: str) -> Response:
     headers: dict[str, str] = {}
     warnings = []
     if query.unsupported:
-        warnings.append(f'299 scp_node "matching not supported for: {", ".join(sorted(set(query.unsupported)))}"')
+        names = ", ".join(sorted(set(query.unsupported)))
+        warnings.append(f'299 scp_node "matching not supported for: {names}"')
     if len(matches) > query.offset + query.limit:
         warnings.append('299 scp_node "There are additional results that can be requested"')
     if warnings:

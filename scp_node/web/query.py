@@ -188,7 +188,10 @@ def parse_query(items: list[tuple[str, str]], level: str) -> Query:
                     q.include.add(keyword_of(item))
         else:
             if "." in name:  # sequence matching (a.b) is not supported
-                q.unsupported.append(name)
+                # Named back in a Warning header: only when it is attribute names (keywords or
+                # tags) and dots, so no query can put its own text into a response header.
+                q.unsupported.append(name if re.fullmatch(r"[A-Za-z0-9]{1,64}(\.[A-Za-z0-9]{1,64}){1,8}", name)
+                                     else "(a sequence attribute)")
                 continue
             kw = keyword_of(name)
             if kw not in KINDS or kw not in LEVEL_KEYS[level]:

@@ -15,7 +15,7 @@ import pydicom
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ..store.files import UnsafeUID
+from ..store.files import UnsafeUID, check_uid
 from .catalog import Record, Scope
 from .context import WebContext
 from .media import DICOM, DICOM_JSON, MULTIPART_RELATED, DicomJSONResponse, MediaType, parse_accept
@@ -38,6 +38,19 @@ def _records(request: Request) -> list[Record] | Response:
     if not records:
         return DicomJSONResponse({"error": "no such resource"}, status_code=404)
     return records
+
+
+def _servable(record: Record) -> bool:
+    """Whether the stored transfer syntax may go into a Content-Type header.
+
+    Ingest refuses a file meta whose Transfer Syntax UID is not a UID; an index row written
+    before that check (a value with CR/LF would forge a header, a non-ASCII one broke the
+    response) is not served at all rather than served with a header built from it.
+    """
+    try:
+        return check_uid(record.transfer_syntax, "TransferSyntaxUID") == record.transfer_syntax
+    except UnsafeUID:
+        return False
 
 
 def _ts_ok(media: MediaType, records: list[Record]) -> bool:
@@ -83,6 +96,16 @@ def retrieve(request: Request) -> Response:
     if missing:
         log.error("WADO-RS: %d indexed files are missing from the store", len(missing))
         return DicomJSONResponse({"error": "stored file missing"}, status_code=500)
+    headers: dict[str, str] = {}
+    unservable = [r for r in found if not _servable(r)]
+    if unservable:
+        log.error("WADO-RS: %d indexed instances have an invalid stored transfer syntax; not served",
+                  len(unservable))
+        found = [r for r in found if _servable(r)]
+        if not found:
+            return DicomJSONResponse({"error": "stored transfer syntax is not a valid UID"}, status_code=500)
+        headers["Warning"] = (f'299 scp_node "{len(unservable)} instances not served: '
+                              'invalid stored transfer syntax"')
     single = "instance" in request.path_params and len(found) == 1
     how = _choose(parse_accept(request.headers.get("accept")), found, single)
     if how is None:
@@ -91,9 +114,9 @@ def retrieve(request: Request) -> Response:
     if how == "single":
         r = found[0]
         return StreamingResponse(_file_chunks(r), media_type=f"{DICOM}; transfer-syntax={r.transfer_syntax}",
-                                 headers={"Content-Length": str(r.path.stat().st_size)})
+                                 headers={"Content-Length": str(r.path.stat().st_size), **headers})
     boundary = uuid.uuid4().hex
-    return StreamingResponse(_multipart(found, boundary),
+    return StreamingResponse(_multipart(found, boundary), headers=headers,
                              media_type=f'{MULTIPART_RELATED}; type="{DICOM}"; boundary={boundary}')
 
 
