@@ -105,6 +105,26 @@ class EngineConfig:
     #: ``[engine.prompts.<name>]`` tables: modalities, body_parts, instruction, question,
     #: label_images, default_body_part, language. Tried before the built-in defaults.
     prompts: dict[str, Any] = field(default_factory=dict, hash=False)
+    #: "transformers": the model runs in this process (model_dir, device). "openai": an
+    #: OpenAI-compatible server (vLLM) runs it; see scp_node.engine.openai_backend.
+    backend: str = "transformers"
+    #: openai backend: the server's URL as the OpenAI client takes it ("http://127.0.0.1:8000/v1"),
+    #: the served model's name, and the SHA-256 of its weights (the node cannot read remote weights).
+    base_url: str = ""
+    model: str = ""
+    weights_sha256: str = ""
+    #: Hosts besides loopback the server may be on (names, addresses, CIDR networks); nothing else.
+    allowed_hosts: tuple[str, ...] = ()
+    #: File holding the server's API key (sent as a bearer token); relative: from the config folder.
+    api_key_file: str = ""
+    #: Requests in flight at once (series analysed together), timeouts, retries with backoff.
+    max_concurrent: int = 4
+    connect_timeout_seconds: float = 10.0
+    request_timeout_seconds: float = 600.0
+    max_retries: int = 3
+    retry_backoff_seconds: float = 2.0
+    #: How images travel to the server: "png" (lossless) or "jpeg" (as Google's CT notebook sends them).
+    image_format: str = "png"
 
     def __post_init__(self) -> None:
         from .engine.prompts import validate_profiles  # light: no torch
@@ -118,6 +138,36 @@ class EngineConfig:
             validate_profiles(self.prompts)
         except ValueError as exc:
             raise ConfigError(f"[engine.prompts] {exc}") from None
+        self._check_backend()
+
+    def _check_backend(self) -> None:
+        """The serving backend's keys; an openai server must be loopback or in allowed_hosts."""
+        from .engine.egress import EgressError, check_allowed_hosts, check_base_url  # standard library only
+
+        if self.backend not in ("transformers", "openai"):
+            raise ConfigError(f"[engine] backend = {self.backend!r} must be 'transformers' or 'openai'")
+        if self.backend != "openai":
+            return
+        for key in ("max_concurrent", "connect_timeout_seconds", "request_timeout_seconds"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"[engine] {key} must be positive")
+        if self.max_retries < 0 or self.retry_backoff_seconds < 0:
+            raise ConfigError("[engine] max_retries and retry_backoff_seconds must be >= 0")
+        if self.image_format not in ("png", "jpeg"):
+            raise ConfigError(f"[engine] image_format = {self.image_format!r} must be 'png' or 'jpeg'")
+        if not self.model.strip():
+            raise ConfigError("[engine] backend = 'openai' needs model, the name the server serves the model "
+                              "under (vllm serve ... --served-model-name NAME)")
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", self.weights_sha256.strip()):
+            raise ConfigError("[engine] backend = 'openai' needs weights_sha256, the SHA-256 of the served weights "
+                              "(64 hex digits; the node cannot read a server's weights, the SR names this hash). "
+                              "On the server: python -c \"from scp_node.engine.modeldir import weights_sha256; "
+                              "print(weights_sha256('/path/to/model'))\"")
+        try:
+            check_allowed_hosts(self.allowed_hosts)
+            check_base_url(self.base_url, self.allowed_hosts)
+        except EgressError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -376,6 +426,9 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     if node.receiver_processes < 0 or node.max_associations < 1:
         raise ConfigError("[node] receiver_processes must be >= 0 (0: one per core) and max_associations >= 1")
     _node_tls(node, base)
+    engine: EngineConfig = sections["engine"]
+    if engine.api_key_file and not Path(engine.api_key_file).is_absolute():
+        object.__setattr__(engine, "api_key_file", str(base / engine.api_key_file))
     if store.min_free_bytes < 0 or not 0 <= store.min_free_percent < 100:
         raise ConfigError("[store] min_free_bytes must be >= 0 and min_free_percent in [0, 100)")
 
