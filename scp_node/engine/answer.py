@@ -98,6 +98,15 @@ def region_for(box_value: Any, image_index: Any, transforms: Sequence[Any]) -> I
     return ImageRegion(source_index=index, box_2d=box, row0=row0, col0=col0, row1=row1, col1=col1)
 
 
+def slice_index(value: Any, n_images: int) -> int | None:
+    """The 0-based source index of a 1-based "slice" (SLICE k) answer; None when missing or out of range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if int(value) != value or not 1 <= int(value) <= n_images:
+        return None
+    return int(value) - 1
+
+
 def to_structured(data: Mapping[str, Any], transforms: Sequence[Any] = (), language: str = "en") -> StructuredFindings:
     """Validate a parsed answer; unknown finding types become "other", bad values their defaults.
 
@@ -124,6 +133,7 @@ def to_structured(data: Mapping[str, Any], transforms: Sequence[Any] = (), langu
             location=_text(item.get("location"), 200),
             size_mm=_number(item.get("size_mm")),
             region=region_for(item.get("box_2d"), item.get("image_index"), transforms),
+            source_index=slice_index(item.get("slice"), len(transforms)),
         ))
     return StructuredFindings(findings=tuple(findings), impression=_text(data.get("impression")),
                               recommendation=_text(data.get("recommendation")), image_quality=quality,

@@ -38,7 +38,8 @@ from .preprocess import (
 )
 from .answer import parse_answer, render_text
 from .batching import _groups, _Job
-from .prompts import PromptProfile, build_messages, merged_profiles, profile_for_modality, validate_profiles
+from .prompts import (PromptProfile, build_messages, localisation_for, merged_profiles, profile_for_modality,
+                      validate_profiles)
 from .result import AnalysisResult, ModelIdentity
 from .schema import LANGUAGES, SchemaBounds, findings_schema, max_answer_tokens, schema_json
 from .thinking import THINKING_END, THINKING_START, drop_thinking_ids, strip_thinking_trace
@@ -267,10 +268,10 @@ class MedGemmaEngine:
             mr_max_slices=self.mr_max_slices,
         )
 
-    def profile_for(self, modality: str, body_part: str = "") -> PromptProfile:
-        """Prompt profile for a modality and body part (SeriesSkipped when none is configured)."""
+    def profile_for(self, modality: str, body_part: str = "", n_images: int = 0) -> PromptProfile:
+        """Prompt profile for a modality, body part and image count (SeriesSkipped when none is configured)."""
         try:
-            return profile_for_modality(modality, self.prompt_profiles, body_part)
+            return profile_for_modality(modality, self.prompt_profiles, body_part, n_images)
         except KeyError as exc:
             raise SeriesSkipped(f"no prompt profile is configured for modality {modality}") from exc
 
@@ -412,10 +413,12 @@ class MedGemmaEngine:
             started = time.perf_counter()
             try:
                 prepared = self.prepare(list(paths))
-                profile = self.profile_for(prepared.modality, prepared.body_part)
+                profile = self.profile_for(prepared.modality, prepared.body_part, len(prepared.images))
                 language = profile.language or self.language
+                localisation = localisation_for(prepared.modality)
                 messages = build_messages(prepared, profile, structured=True, language=language)
-                schema = (schema_json(findings_schema(self.schema_bounds, language, len(prepared.images)))
+                schema = (schema_json(findings_schema(self.schema_bounds, language, len(prepared.images),
+                                                      localisation))
                           if self.structured else None)
                 pending.append(_Job(index, prepared, profile, language, messages, schema,
                                     time.perf_counter() - started))
@@ -462,7 +465,8 @@ class MedGemmaEngine:
     def _generate_jobs(self, group: list["_Job"]) -> list[GenerationOutput]:
         limit = self.max_new_tokens
         if self.structured:
-            limit = max(max_answer_tokens(self.schema_bounds, j.language, len(j.prepared.images)) for j in group)
+            limit = max(max_answer_tokens(self.schema_bounds, j.language, len(j.prepared.images),
+                                          localisation_for(j.prepared.modality)) for j in group)
         return self.generate_batch([j.messages for j in group], [j.schema for j in group], limit)
 
     def _result(self, job: "_Job", output: GenerationOutput) -> AnalysisResult:

@@ -64,7 +64,9 @@ class Finding:
     description: str = ""
     location: str = ""
     size_mm: float | None = None
-    region: ImageRegion | None = None
+    region: ImageRegion | None = None  #: a box on one image (chest X-ray)
+    #: CT/MR: which entry of ``AnalysisResult.sources`` the finding is on (the model's SLICE k - 1)
+    source_index: int | None = None
 
 
 @dataclass(frozen=True)

@@ -65,20 +65,32 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-def findings_schema(bounds: SchemaBounds = SchemaBounds(), language: str = "en", n_images: int = 1) -> dict[str, Any]:
-    """JSON schema of the answer; ``image_index`` ranges over the 1-based images of the series."""
+def findings_schema(bounds: SchemaBounds = SchemaBounds(), language: str = "en", n_images: int = 1,
+                    localisation: str = "box") -> dict[str, Any]:
+    """JSON schema of the answer.
+
+    ``localisation`` "box" (CR/DX): each finding has ``box_2d`` and ``image_index`` (1-based image);
+    "slice" (CT/MR): each finding has ``slice``, the 1-based SLICE k of the prompt, and no box.
+    """
+    index = _nullable({"type": "integer", "minimum": 1, "maximum": max(int(n_images), 1)})
+    properties: dict[str, Any] = {
+        "finding_type": {"enum": list(FINDING_TYPES)},
+        "location": _text(bounds.location_chars, language),
+        "description": _text(bounds.description_chars, language),
+        "size_mm": _nullable({"type": "number", "minimum": 0, "maximum": 999}),
+    }
+    if localisation == "slice":
+        properties["slice"] = index
+    elif localisation == "box":
+        properties["box_2d"] = _nullable({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 1000},
+                                          "minItems": 4, "maxItems": 4})
+        properties["image_index"] = index
+    else:
+        raise ValueError(f"localisation must be 'box' or 'slice', not {localisation!r}")
     finding = {
         "type": "object",
-        "properties": {
-            "finding_type": {"enum": list(FINDING_TYPES)},
-            "location": _text(bounds.location_chars, language),
-            "description": _text(bounds.description_chars, language),
-            "size_mm": _nullable({"type": "number", "minimum": 0, "maximum": 999}),
-            "box_2d": _nullable({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 1000},
-                                 "minItems": 4, "maxItems": 4}),
-            "image_index": _nullable({"type": "integer", "minimum": 1, "maximum": max(int(n_images), 1)}),
-        },
-        "required": ["finding_type", "location", "description", "size_mm", "box_2d", "image_index"],
+        "properties": properties,
+        "required": list(properties),
         "additionalProperties": False,
     }
     return {
@@ -100,7 +112,8 @@ def schema_json(schema: dict[str, Any]) -> str:
     return json.dumps(schema, ensure_ascii=True)  # key order is the answer order: never sort
 
 
-def max_answer_tokens(bounds: SchemaBounds = SchemaBounds(), language: str = "en", n_images: int = 1) -> int:
+def max_answer_tokens(bounds: SchemaBounds = SchemaBounds(), language: str = "en", n_images: int = 1,
+                      localisation: str = "box") -> int:
     """Upper bound on the tokens of any answer the schema admits (+1 for the stop token).
 
     Worst case is one token per byte: the fixed JSON text (keys, quotes, commas) counted from a
@@ -115,8 +128,8 @@ def max_answer_tokens(bounds: SchemaBounds = SchemaBounds(), language: str = "en
         "location": "",
         "description": "",
         "size_mm": 998.999999,  # the longest number the grammar allows (six decimals)
-        "box_2d": [1000, 1000, 1000, 1000],
-        "image_index": int("9" * index_digits),
+        **({"slice": int("9" * index_digits)} if localisation == "slice"
+           else {"box_2d": [1000, 1000, 1000, 1000], "image_index": int("9" * index_digits)}),
     }
     skeleton = {
         "findings": [one_finding] * bounds.max_findings,

@@ -57,7 +57,7 @@ def test_analyse_ct_volume(engine, ct_files: list[Path]) -> None:
     assert len(result.sources) == 85
     headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in ct_files)}
     z = [float(headers[s.sop_instance_uid].ImagePositionPatient[2]) for s in result.sources]
-    assert all(b > a for a, b in zip(z, z[1:]))
+    assert all(b < a for a, b in zip(z, z[1:]))  # head to foot
     assert 1 <= result.generated_tokens <= 8
     assert result.model.is_test_model
 

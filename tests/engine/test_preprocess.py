@@ -56,13 +56,15 @@ def test_minmax_uses_one_range_for_the_whole_volume() -> None:
 
 
 @pytest.mark.parametrize("count,limit", [(133, 85), (86, 85), (1000, 85), (200, 2)])
-def test_sampling_keeps_first_and_last_evenly(count: int, limit: int) -> None:
+def test_sampling_follows_the_ct_notebook(count: int, limit: int) -> None:
     picked = sample_indices(count, limit)
-    assert len(picked) == limit
-    assert picked[0] == 0 and picked[-1] == count - 1
+    # Google's notebook: instances[int(round(i / MAX_SLICE * (n - 1)))] for i in range(1, MAX_SLICE + 1)
+    assert picked == [int(round(i / limit * (count - 1))) for i in range(1, limit + 1)]
+    assert len(picked) == limit and picked[-1] == count - 1
     assert all(b > a for a, b in zip(picked, picked[1:]))
     gaps = np.diff(picked)
     assert gaps.max() - gaps.min() <= 1
+    assert sample_indices(133, 85)[:3] == [2, 3, 5]
 
 
 def test_sampling_keeps_short_series_whole() -> None:
@@ -126,8 +128,9 @@ def test_ct_133_slices_sampled_to_85_in_position_order(ct_files: list[Path], ct_
     assert all(im.mode == "RGB" and im.size == (896, 896) for im in prepared.images)
     projections = _projections(ct_files)
     z = [projections[s.sop_instance_uid] for s in prepared.sources]
-    assert all(b > a for a, b in zip(z, z[1:])), "slices must follow the slice normal"
-    assert z[0] == min(projections.values()) and z[-1] == max(projections.values())
+    assert all(b < a for a, b in zip(z, z[1:])), "slices must go head to foot along the slice normal"
+    ordered = sorted(projections.values(), reverse=True)
+    assert z[0] == ordered[2] and z[-1] == ordered[-1]  # the notebook's picks: 3rd slice first, last slice last
     assert len({s.sop_instance_uid for s in prepared.sources}) == 85
     assert all(s.frame_number is None and s.sop_class_uid == CTImageStorage for s in prepared.sources)
     # file names are shuffled relative to position, so name order would be wrong
@@ -181,7 +184,7 @@ def test_synthetic_ct_ordered_by_position_not_instance_number(tmp_path: Path) ->
     files = _write_ct_series(tmp_path / "ct", 9)
     prepared = prepare_series(files, image_size=64)
     z = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f).ImagePositionPatient[2] for f in files}
-    assert [z[s.sop_instance_uid] for s in prepared.sources] == sorted(z.values())
+    assert [z[s.sop_instance_uid] for s in prepared.sources] == sorted(z.values(), reverse=True)  # head first
     assert prepared.transforms[0] == PadTransform(8, 6, 0, 1, 8)
     assert prepared.images[0].size == (64, 64)
 
@@ -264,11 +267,17 @@ def test_monochrome1_is_inverted() -> None:
     assert prepared.transforms == [PadTransform(440, 440, 0, 0, 440)]
 
 
-def test_xray_without_voi_uses_the_full_bit_depth() -> None:
+def test_xray_without_voi_uses_its_own_min_max() -> None:
     path = need(XRAY_DIR / "NIH_chestxray_DX_SC.dcm")  # 8-bit Secondary Capture, no window
     ds = pydicom.dcmread(path)
     assert "WindowCenter" not in ds
-    assert np.array_equal(xray_to_uint8(ds.pixel_array, ds), ds.pixel_array)
+    stored = ds.pixel_array.astype(float)
+    expected = np.rint((stored - stored.min()) * 255.0 / (stored.max() - stored.min())).astype(np.uint8)
+    shown = xray_to_uint8(ds.pixel_array, ds)
+    assert shown.min() == 0 and shown.max() == 255
+    assert np.abs(shown.astype(int) - expected).max() <= 1  # float32 rounding
+    ds12 = _xray_dataset()  # a 12-bit image using only part of its range fills 0..255 (Google's serving code)
+    assert xray_to_uint8(np.array([[100, 300, 500]], dtype=np.uint16), ds12).tolist() == [[0, 128, 255]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 Why these recipes: MedGemma 1.5 was trained on images prepared in specific ways, and the model is only
 as good as the match between our input and its training input:
 
-* CR/DX (chest X-ray): Modality LUT, then the image's own VOI LUT / window, MONOCHROME1 inverted,
+* CR/DX (chest X-ray): Modality LUT, then the image's own VOI LUT / window (without either, the
+  image's own min-max, as Google's serving code rescales each CXR), MONOCHROME1 inverted,
   scaled to 8 bit, **zero-padded to a square** (split evenly on both sides, as in training and in the
   CXR localisation notebook) so the processor's resize to 896x896 keeps the aspect ratio.
 * CT: Hounsfield units packed into R, G, B as three windows: [-1024, 1024] (wide), [-135, 215] (soft
-  tissue), [0, 80] (brain); slices ordered along the slice normal; at most 85 evenly spaced slices.
+  tissue), [0, 80] (brain); slices ordered head to foot along the slice normal; at most 85 slices,
+  picked as Google's CT notebook picks them.
 * MR: one min-max over the whole (sampled) volume, the same value in R, G and B.
 
 Series that cannot be analysed raise :class:`SeriesSkipped` with a reason fit for an audit log; data
@@ -55,5 +57,6 @@ from ._series import (
     readable_body_part,
 )
 from ._transform import PadTransform, pad_to_square, window_to_uint8
-from ._volume import CT_WINDOWS, ct_hu_to_rgb, minmax_to_uint8, order_frames, sample_indices, slice_normal
+from ._volume import (CT_WINDOWS, ct_hu_to_rgb, head_first_normal, minmax_to_uint8, order_frames, sample_indices,
+                      slice_normal)
 from ._xray import xray_to_uint8

@@ -38,14 +38,18 @@ def minmax_to_uint8(volume: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def sample_indices(count: int, max_count: int) -> list[int]:
-    """At most ``max_count`` evenly spaced indices of ``range(count)``, always keeping first and last."""
+    """At most ``max_count`` evenly spaced indices of ``range(count)``, picked as Google's CT notebook does.
+
+    Google-Health/medgemma ``notebooks/high_dimensional_ct_hugging_face.ipynb`` samples 85 slices with
+    ``instances[int(round(i / MAX_SLICE * (n - 1)))] for i in range(1, MAX_SLICE + 1)``: the steps start
+    one step in (the first slice is left out when there are more than ``max_count``) and end on the
+    last slice. Python's ``round`` (half to even) is used as there, so the same slices are picked.
+    """
     if max_count < 1:
         raise ValueError("max_count must be at least 1")
     if count <= max_count:
         return list(range(count))
-    if max_count == 1:
-        return [0]
-    return [int(i) for i in np.unique(np.rint(np.linspace(0, count - 1, max_count)).astype(int))]
+    return [int(round(i / max_count * (count - 1))) for i in range(1, max_count + 1)]
 
 
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
@@ -113,9 +117,25 @@ class _Frame:
     orientation: np.ndarray | None
 
 
-def order_frames(frames: list[_Frame]) -> tuple[list[_Frame], str]:
-    """Sort slices along the slice normal (Image Position projected on the Image Orientation normal).
+def head_first_normal(normal: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The slice normal with its sign fixed, and whether positions along it are read descending.
 
+    DICOM patient coordinates are LPS: +x towards the patient's left, +y posterior, +z superior
+    (head). The normal's dominant axis decides the reading order: axial (z) slices go head to foot
+    (superior first, so *descending* along +z), sagittal (x) right to left, coronal (y) anterior to
+    posterior (both ascending). The sign of the normal (row x column direction) differs between
+    scanners; fixing it makes the order depend on where the slices are, not on how they were encoded.
+    """
+    axis = int(np.argmax(np.abs(normal)))
+    fixed = normal if normal[axis] >= 0 else -normal
+    return fixed, axis == 2
+
+
+def order_frames(frames: list[_Frame]) -> tuple[list[_Frame], str]:
+    """Sort slices head to foot by position: Image Position (Patient) projected on the slice normal.
+
+    Axial slices come superior first (sagittal right to left, coronal anterior to posterior, see
+    :func:`head_first_normal`), whatever the Instance Numbers say (missing, shuffled or reversed).
     Falls back to Instance Number only when positions or orientations are missing, then to input
     order. Returns the ordered frames and how they were ordered (for the notes).
     """
@@ -128,10 +148,12 @@ def order_frames(frames: list[_Frame]) -> tuple[list[_Frame], str]:
             except ValueError:
                 continue
     if normal is not None and all(f.position is not None for f in frames):
+        normal, descending = head_first_normal(normal)
+        sign = -1.0 if descending else 1.0
         keyed = sorted(
             frames,
             key=lambda f: (
-                float(np.dot(f.position, normal)),  # type: ignore[arg-type]
+                sign * float(np.dot(f.position, normal)),  # type: ignore[arg-type]
                 f.instance.instance_number or 0,
                 f.frame_index,
                 f.instance.order,

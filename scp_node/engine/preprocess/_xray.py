@@ -11,18 +11,14 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from ._transform import window_to_uint8
 
 
-def _stored_range(ds: Dataset) -> tuple[int, int]:
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
-    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
 def xray_to_uint8(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     """One CR/DX frame -> 8-bit values as a viewer would display them (bone bright, air dark).
 
-    Modality LUT, then the VOI LUT or first window of the image; without either, the full stored
-    bit depth is the range (MedGemma's DICOM handler does the same). MONOCHROME1 is inverted last.
+    Modality LUT, then the VOI LUT or first window of the image; without either, the image's own
+    minimum and maximum are the range: Google's serving code (Google-Health/medgemma
+    ``python/data_accessors/local_file_handlers/generic_dicom_handler.py``, ``_norm_cxr_imaging``)
+    rescales every CXR by its own dynamic range (``image_utils.rescale_dynamic_range``). A VOI LUT or
+    window in the file still wins: it is how the image is meant to be shown. MONOCHROME1 is inverted last.
     """
     values = apply_modality_lut(stored, ds)
     has_lut = bool(ds.get("VOILUTSequence")) and "LUTData" in ds.VOILUTSequence[0]
@@ -37,8 +33,7 @@ def xray_to_uint8(stored: np.ndarray, ds: Dataset) -> np.ndarray:
         low, high = float(np.min(ends)), float(np.max(ends))
     else:
         out = values
-        ends = apply_modality_lut(np.array(_stored_range(ds), dtype=np.int64), ds)
-        low, high = float(np.min(ends)), float(np.max(ends))
+        low, high = float(np.min(out)), float(np.max(out))
     if high <= low:
         low, high = float(np.min(out)), float(np.max(out))
     pixels = window_to_uint8(out, low, high) if high > low else np.zeros(np.shape(out), dtype=np.uint8)
