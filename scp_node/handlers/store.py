@@ -37,10 +37,8 @@ def handle_store(event: evt.Event, ingestor: Ingestor, audit: AuditTrail) -> Dat
         else:
             data = event.encoded_dataset(include_meta=True)
         ingestor.ingest(data, origin, expected_sop_class=str(event.context.abstract_syntax))
-    except InvalidInstance as exc:
-        status = (StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS if "does not match the presentation" in str(exc)
-                  else StoreStatus.CANNOT_UNDERSTAND)
-        return _refuse(audit, origin, sop_uid, status, str(exc))
+    except InvalidInstance as exc:  # its status: 0xA900 (SOP class or identity conflict), else 0xC000
+        return _refuse(audit, origin, sop_uid, exc.status, str(exc))
     except StorageFailure as exc:
         return _refuse(audit, origin, sop_uid, StoreStatus.OUT_OF_RESOURCES, str(exc))
     except Exception as exc:  # noqa: BLE001 - never answer success for an unexpected failure

@@ -27,13 +27,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes, UID_dictionary
+from pynetdicom import ALL_TRANSFER_SYNTAXES
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ..audit import AuditTrail, Event
+from ..status import StoreStatus
 from .db import Database
-from .files import (UnsafeUID, check_uid, fsync_dir, instance_path, link_new, remove_quietly, sha256_hex,
-                    stage_bytes, stage_file, temp_name)
+from .files import (UnsafeUID, check_uid, fsync_dir, instance_path, link_new, remove_quietly,
+                    sha256_hex, stage_bytes, stage_file, temp_name)
 from .group_commit import GroupCommit
 from .driver import IndexTransaction
 from .index import InstanceRow, add_audit, find_instance, index_instance
@@ -52,7 +55,26 @@ class IngestOutcome(str, enum.Enum):
 
 
 class InvalidInstance(ValueError):
-    """The bytes are not a usable DICOM instance (message says why; no patient data in it)."""
+    """The bytes are not a usable DICOM instance (message says why; no patient data in it).
+
+    ``status`` is the DIMSE status (and STOW-RS FailureReason) a caller answers with.
+    """
+
+    status: StoreStatus = StoreStatus.CANNOT_UNDERSTAND
+
+
+class SOPClassMismatch(InvalidInstance):
+    """The data set's SOP Class UID is not the one of its presentation context (or, for STOW-RS,
+    of its file meta)."""
+
+    status = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+
+class IdentityConflict(InvalidInstance):
+    """The instance's Study, Series or Patient disagree with what the index holds for its UIDs
+    (raised inside the index transaction by :mod:`.index`): a PACS never mixes patients."""
+
+    status = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
 
 
 class StorageFailure(RuntimeError):
@@ -102,6 +124,40 @@ def parse_header_file(path: Path) -> Dataset:
     except Exception as exc:  # noqa: BLE001 - see parse_header
         raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
     return ds
+
+
+#: Every transfer syntax pydicom's UID dictionary names (retired ones included) and every one the
+#: DIMSE port negotiates (pynetdicom's list, which has a few that pydicom's dictionary may lack).
+#: A kept instance's file meta must name one of them: the value goes to the index and from there
+#: into DICOMweb headers, and a syntax nobody knows (a private one) could not be decoded or served.
+KNOWN_TRANSFER_SYNTAXES = frozenset(
+    [uid for uid, entry in UID_dictionary.items() if entry[1] == "Transfer Syntax"]
+    + [str(uid) for uid in (*AllTransferSyntaxes, *ALL_TRANSFER_SYNTAXES)])
+
+
+def check_file_meta(ds: Any) -> str:
+    """Check every UID the file meta brings; return the Transfer Syntax UID as it is indexed.
+
+    Transfer Syntax UID is required and must be a known transfer syntax; Media Storage SOP Class
+    and Instance UID, where present, must be UIDs too (:func:`check_uid`: digits and dots, at most
+    64 characters, after the padding and surrounding whitespace that pydicom's own UID reading
+    removes).  A value with anything else in it -- a line break followed by text, say -- is
+    refused, never trimmed into shape.  Raises :class:`InvalidInstance` (Cannot Understand).
+    """
+    meta = ds.file_meta
+    try:
+        syntax = check_uid(meta.get("TransferSyntaxUID") if meta else None, "TransferSyntaxUID")
+        for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"):
+            value = meta.get(keyword) if meta else None
+            if value is not None:
+                check_uid(value, keyword)
+    except UnsafeUID as exc:
+        raise InvalidInstance(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a meta element pydicom cannot even read
+        raise InvalidInstance(f"cannot parse file meta: {type(exc).__name__}") from None
+    if syntax not in KNOWN_TRANSFER_SYNTAXES:
+        raise InvalidInstance("TransferSyntaxUID is not a transfer syntax this node knows")
+    return syntax
 
 
 _BLOCK = 1024 * 1024
@@ -255,8 +311,11 @@ class Ingestor:
             series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
         except UnsafeUID as exc:
             raise InvalidInstance(str(exc)) from None
+        syntax = check_file_meta(ds)
         if expected_sop_class and sop_class != expected_sop_class:
-            raise InvalidInstance("SOP Class UID of the dataset does not match the presentation context")
+            # (STOW-RS has no presentation context: its caller passes the file meta's SOP class)
+            raise SOPClassMismatch("SOP Class UID differs from MediaStorageSOPClassUID" if origin.via == "stow"
+                                   else "SOP Class UID of the dataset does not match the presentation context")
         meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID") if ds.file_meta else None
         if meta_sop and str(meta_sop) != sop_uid:
             raise InvalidInstance("MediaStorageSOPInstanceUID does not match SOPInstanceUID")
@@ -265,10 +324,10 @@ class Ingestor:
             digest = _sha256_file(data)
         # (bytes are hashed while they are written: see stage_bytes)
         with self._locks[hash(sop_uid) % len(self._locks)]:
-            return self._keep(ds, data, digest, rel, origin, sop_uid, sop_class, study_uid, series_uid)
+            return self._keep(ds, data, digest, rel, origin, sop_uid, sop_class, study_uid, series_uid, syntax)
 
     def _keep(self, ds: Dataset, data: bytes | Path, digest: str, rel: Path, origin: Origin, sop_uid: str,
-              sop_class: str, study_uid: str, series_uid: str) -> IngestOutcome:
+              sop_class: str, study_uid: str, series_uid: str, syntax: str) -> IngestOutcome:
         """Stage the file durably, then decide and index in one transaction.
 
         One write-locked transaction, shared with concurrent stores (:mod:`.group_commit`), holds
@@ -293,7 +352,7 @@ class Ingestor:
             raise StorageFailure(f"cannot write file: {exc.strerror or exc}") from None
         try:
             row = InstanceRow.from_header(ds, rel.as_posix(), size, digest, origin.ae_title, origin.address,
-                                          sop_uid, sop_class, study_uid, series_uid)
+                                          sop_uid, sop_class, study_uid, series_uid, syntax)
         except BaseException:
             _discard(staged)
             raise

@@ -77,11 +77,8 @@ def store_part(ctx: WebContext, part: Part, origin: Origin, study: str | None) -
         meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "") if ds.file_meta else ""
         ctx.ingestor.ingest(data, origin, expected_sop_class=meta_class or None)
         return result
-    except InvalidInstance as exc:
-        code = (StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS if "does not match the presentation" in str(exc)
-                else StoreStatus.CANNOT_UNDERSTAND)
-        reason = ("SOP Class UID differs from MediaStorageSOPClassUID" if code == 0xA900 else str(exc))
-        return _failed(ds, int(code), reason)
+    except InvalidInstance as exc:  # its status: 0xA900 (SOP class or identity conflict), else 0xC000
+        return _failed(ds, int(exc.status), str(exc))
     except StorageFailure as exc:
         return _failed(ds, int(StoreStatus.OUT_OF_RESOURCES), str(exc))
     except Exception as exc:  # noqa: BLE001 - never report success for an unexpected failure

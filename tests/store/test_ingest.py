@@ -19,7 +19,8 @@ from scp_node.scheduler.completion import SeriesCompletion
 from scp_node.store import index
 from scp_node.store.db import Database
 from scp_node.store.driver import CoreTransaction
-from scp_node.store.ingest import (IngestOutcome, Ingestor, InvalidInstance, Origin, StorageFailure,
+from scp_node.status import StoreStatus
+from scp_node.store.ingest import (IdentityConflict, IngestOutcome, Ingestor, InvalidInstance, Origin, StorageFailure,
                                    parse_header)
 from scp_node.store.models import AuditEvent, Instance, Patient, Series, SeriesState, Study
 from tests.store.realdata import (CT_PATIENT_ID, CT_SLICES, CXR_DX_J2K, CXR_UNCR, ORIGIN, SMALL_MR,
@@ -227,20 +228,25 @@ def test_replace_crash_after_commit_leaves_the_index_pointing_at_a_whole_file(
     assert (storage_dir.parent / "quarantine" / old_path.relative_to(storage_dir)).read_bytes() == first
 
 
-def test_replace_with_other_series_uid_leaves_no_orphan(index_db: Database, storage_dir: Path,
-                                                        audit_trail: AuditTrail) -> None:
+def test_replace_with_other_series_uid_is_refused_and_leaves_no_orphan(index_db: Database, storage_dir: Path,
+                                                                       audit_trail: AuditTrail) -> None:
+    """A replacement may not move an instance to another series (issue 21): refused, the stored
+    copy and its row untouched, no file left by the refused one."""
     ingestor = Ingestor(index_db, storage_dir, audit_trail, "replace")
     first = read_bytes(SMALL_MR)
     moved = rewritten(SMALL_MR, SeriesInstanceUID="1.2.826.0.1.3680043.8.498.999")
     uid = pydicom.dcmread(SMALL_MR, stop_before_pixels=True).SOPInstanceUID
 
     assert ingestor.ingest(first, ORIGIN) is IngestOutcome.STORED
-    assert ingestor.ingest(moved, ORIGIN) is IngestOutcome.REPLACED
+    with pytest.raises(IdentityConflict, match="SOP Instance UID already belongs to another series") as info:
+        ingestor.ingest(moved, ORIGIN)
+    assert info.value.status == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
 
     row = instance_row(index_db, uid)
-    assert "/1.2.826.0.1.3680043.8.498.999/" in row.path
+    assert "/1.2.826.0.1.3680043.8.498.999/" not in row.path
     assert stored_files(storage_dir) == [storage_dir / row.path]
-    assert (storage_dir / row.path).read_bytes() == moved
+    assert (storage_dir / row.path).read_bytes() == first
+    assert count(index_db, Series) == 1
 
 
 # -- refusals ---------------------------------------------------------------------------------
@@ -304,8 +310,9 @@ def test_truncated_deflated_file_is_refused_as_invalid() -> None:
 
 
 def test_sop_class_must_match_the_presentation_context(ingestor: Ingestor, storage_dir: Path) -> None:
-    with pytest.raises(InvalidInstance, match="does not match the presentation context"):
+    with pytest.raises(InvalidInstance, match="does not match the presentation context") as info:
         ingestor.ingest(read_bytes(SMALL_MR), ORIGIN, expected_sop_class="1.2.840.10008.5.1.4.1.1.2")
+    assert info.value.status == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     assert stored_files(storage_dir) == []
 
 
