@@ -99,10 +99,12 @@ class Node:
 
     # -- analysis ----------------------------------------------------------------------------
     def _load_engine(self) -> Any:
+        e = self.config.engine
+        if e.backend == "openai":
+            return self._load_served_engine()
         from .engine.medgemma import MedGemmaEngine
         from .engine.schema import engine_bounds
 
-        e = self.config.engine
         engine = MedGemmaEngine(e.model_dir, device=e.device, max_new_tokens=e.max_new_tokens,
                                 ct_max_slices=e.ct_max_slices, prompt_profiles=e.prompts or None,
                                 structured=e.structured, language=e.language, max_batch=e.max_batch,
@@ -114,6 +116,22 @@ class Node:
             warm_up(engine)  # compile now, not on the first patient's series
         ident = engine.identity
         log.info("model loaded: %s %s on %s (%s)%s", ident.name, ident.version, ident.device, ident.dtype,
+                 " — TEST MODEL" if ident.is_test_model else "")
+        return engine
+
+    def _load_served_engine(self) -> Any:
+        """``[engine] backend = "openai"``: the model runs in an OpenAI-compatible server (vLLM); the
+        node checks the server's address (loopback or allowed_hosts) and asks it what it serves."""
+        from .engine.egress import EgressError
+        from .engine.openai_backend import BackendStartError, OpenAIBackend
+
+        try:
+            engine = OpenAIBackend.from_config(self.config.engine, audit=self.audit)
+            engine.load()
+        except (BackendStartError, EgressError, ValueError) as exc:
+            raise StartupError(f"[engine] backend = 'openai': {exc}") from None
+        ident = engine.identity
+        log.info("model served: %s %s by %s%s", ident.name, ident.version, engine.url,
                  " — TEST MODEL" if ident.is_test_model else "")
         return engine
 
@@ -166,7 +184,8 @@ class Node:
     def start(self) -> None:
         c = self.config
         self._lock_var_dir()
-        prepare_model_dir(c)
+        if c.engine.backend == "transformers":  # a served model's weights are the server's
+            prepare_model_dir(c)
         c.store.storage_dir.mkdir(parents=True, exist_ok=True)
         self.ingestor.recover()
         n_jobs = analysis.requeue_interrupted(self.db, self.audit, c.scheduler.max_analysis_attempts)
@@ -270,6 +289,9 @@ class Node:
             self._listening.close()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        close = getattr(self._engine, "close", None)  # the served backend's request threads
+        if close is not None:
+            close()
         self.audit.record(Event.NODE_STOPPED, ae_title=self.config.node.ae_title)
         self._remove_pid()
         self.db.dispose()
