@@ -231,7 +231,7 @@ class DimseListener:
         n = self.config.node
         acl = AccessList(self.config.peers, accept_unknown=n.accept_unknown_callers)
         return [
-            (evt.EVT_CONN_OPEN, handle_conn_open, [n.max_pdu_size, self.audit]),
+            (evt.EVT_CONN_OPEN, handle_conn_open, [n.max_pdu_size, self.audit, acl, n.ae_title]),
             (evt.EVT_REQUESTED, handle_requested, [acl, n.ae_title, self.audit, n.max_associations, self.counts]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.audit]),
             (evt.EVT_ABORTED, handle_aborted, [self.audit]),

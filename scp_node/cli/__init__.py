@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 import click
 
-from .. import __version__
+from .. import __version__, logs
 from ..config import Config, ConfigError, load
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -25,11 +24,9 @@ def load_config(path: Path) -> Config:
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not verbose:  # pynetdicom logs every PDU at INFO: too chatty for a node that runs all day
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    """The node's log on stderr (see :mod:`scp_node.logs`: control characters escaped, patient
+    data from libraries withheld, repeated library warnings limited)."""
+    logs.configure(verbose)
 
 
 @click.group()

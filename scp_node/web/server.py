@@ -3,35 +3,175 @@
 The listening socket is bound here, synchronously, so "port in use" or a bad TLS file is a
 startup error the admin sees at once instead of a thread dying quietly.  uvicorn's access log is
 off: its lines carry query strings, and a QIDO query string may carry a PatientID.
+
+Connections are bounded (:class:`GuardedH11Protocol`, ``[web]`` keys):
+
+- ``header_timeout_seconds``: a connection must deliver a complete request head within this
+  (from when it opened, or from the first byte of a later request on a kept-alive connection);
+  uvicorn itself has no such timeout, so a client that never finishes its headers ("half-open",
+  slowloris) would otherwise hold a connection for ever.
+- ``keep_alive_seconds``: an idle kept-alive connection is closed after this (uvicorn's
+  ``timeout_keep_alive``).
+- ``max_connections``: a connection past this many open ones is answered 503 and closed at once
+  (and uvicorn's ``limit_concurrency`` answers 503 should its tasks ever outnumber it).
+
+Connections closed this way are audited (``web.connection_closed``) at a bounded rate: per
+client address the first one gets a row, later ones are counted and one row per minute carries
+the count (:class:`scp_node.web.auth.AuditRateLimit`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
 import time
+from typing import Any, Hashable
 
+import h11
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..config import WebConfig
+from .auth import AuditRateLimit
 
 log = logging.getLogger(__name__)
+
+#: Audit event: connections the server closed for a limit (header timeout, max_connections).
+WEB_CONNECTION_CLOSED = "web.connection_closed"
+#: Per client address and reason: the first closed connection gets a row of its own, then one
+#: row per interval carries the count.
+CLOSED_ROWS_PER_INTERVAL = 1
+CLOSED_ROW_INTERVAL_SECONDS = 60.0
+
+_SERVICE_UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                        b"content-length: 19\r\nconnection: close\r\n\r\nService Unavailable")
 
 
 class WebStartError(RuntimeError):
     """The DICOMweb service cannot start; the message says what to fix."""
 
 
+class ConnectionGuard:
+    """What the connections of one server share: the limits, and the audit of closed connections.
+
+    Called on the server's event loop only.  ``audit`` may be None (no rows, log lines only).
+    """
+
+    def __init__(self, web: WebConfig, audit: Any = None, limit: AuditRateLimit | None = None) -> None:
+        self.header_timeout = float(web.header_timeout_seconds)
+        self.max_connections = int(web.max_connections)
+        self.audit = audit
+        self.limit = limit if limit is not None else AuditRateLimit(
+            interval=CLOSED_ROW_INTERVAL_SECONDS, burst=CLOSED_ROWS_PER_INTERVAL)
+        self.closed = {"header_timeout": 0, "max_connections": 0}  #: totals since start
+
+    def closed_one(self, reason: str, peer: str) -> None:
+        """A connection closed for ``reason``: audited now, or counted for a later row."""
+        self.closed[reason] += 1
+        detail = self._detail(reason, 1)
+        if self.limit.note((reason, peer), detail):
+            self._write([((reason, peer), 1, detail)])
+        else:
+            self.limit.flush_later(self._write_counted)
+
+    def _detail(self, reason: str, count: int) -> str:
+        what = (f"sent no complete request header within {self.header_timeout:g} s" if reason == "header_timeout"
+                else f"over max_connections ({self.max_connections} open): answered 503")
+        return f"{count} connection{'s' if count != 1 else ''} closed by the server: {what}"
+
+    def _write_counted(self, rows: list[tuple[Hashable, int, str]]) -> None:
+        self._record([(key, count, self._detail(key[0], count) + " (since the last row)")  # type: ignore[index]
+                      for key, count, _ in rows])
+
+    def _write(self, rows: list[tuple[Hashable, int, str]]) -> None:
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, self._record, rows)
+
+    def _record(self, rows: list[tuple[Hashable, int, str]]) -> None:
+        for key, _count, detail in rows:
+            peer = str(key[1]) if isinstance(key, tuple) else str(key)
+            log.warning("DICOMweb connection from %s: %s", peer, detail)
+            if self.audit is not None:
+                self.audit.record(WEB_CONNECTION_CLOSED, outcome="failure", peer=peer, detail=detail)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a request-head timeout and a hard connection limit.
+
+    The header timer runs while the peer owes us a request head (h11's ``their_state`` is IDLE):
+    armed when the connection opens and when bytes of a new request arrive on a kept-alive
+    connection, cancelled as soon as a complete head has been parsed.  Between requests uvicorn's
+    own keep-alive timer applies.  :attr:`guard` is set on a subclass per server.
+    """
+
+    guard: ConnectionGuard
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        if len(self.connections) > self.guard.max_connections:
+            transport.write(_SERVICE_UNAVAILABLE)
+            transport.close()
+            self.guard.closed_one("max_connections", self._peer())
+            return
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.transport.is_closing():
+            self._cancel_header_timer()
+        elif self.conn.their_state is h11.IDLE:
+            self._arm_header_timer()  # part of a request head: it must be complete in time
+        else:
+            self._cancel_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if getattr(self, "_header_timer", None) is None:
+            self._header_timer = self.loop.call_later(self.guard.header_timeout, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # (cannot be: a request is running only after its head was complete)
+        self.transport.close()
+        self._unset_keepalive_if_required()
+        self.guard.closed_one("header_timeout", self._peer())
+
+    def _peer(self) -> str:
+        return self.client[0] if self.client else ""
+
+
 class WebServer:
     """One uvicorn server on ``[web] host:port`` (HTTPS when tls_cert/tls_key are set)."""
 
-    def __init__(self, app: ASGIApp, web: WebConfig) -> None:
+    def __init__(self, app: ASGIApp, web: WebConfig, audit: Any = None) -> None:
         self.web = web
+        if audit is None:  # the app's own trail (create_app puts it in app.state.ctx)
+            audit = getattr(getattr(getattr(app, "state", None), "ctx", None), "audit", None)
+        self.guard = ConnectionGuard(web, audit)
+        protocol = type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": self.guard})
         ssl = dict(ssl_certfile=web.tls_cert, ssl_keyfile=web.tls_key) if web.tls_cert else {}
+        # limit_concurrency counts the connection asking too (503 at `>=`): one more, so that
+        # max_connections connections are served and the 503 comes from GuardedH11Protocol.
         self.config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
-                                     timeout_graceful_shutdown=10, server_header=False, **ssl)
+                                     timeout_graceful_shutdown=10, server_header=False, http=protocol,
+                                     timeout_keep_alive=web.keep_alive_seconds,  # type: ignore[arg-type]
+                                     limit_concurrency=int(web.max_connections) + 1, **ssl)
         self.server = uvicorn.Server(self.config)
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
