@@ -14,9 +14,13 @@ generation happens elsewhere. It never imports torch.
   the CT recipe packs three HU windows into R, G and B, and JPEG's chroma subsampling would blur two
   of them. ``image_format = "jpeg"`` sends them as Google's high_dimensional_ct notebook does (PIL's
   JPEG defaults), about a tenth of the bytes, for a slow link.
-* **Answers.** The findings schema goes as ``response_format`` ``{"type": "json_schema", ...}``; a
-  server that ignores it (``transformers serve`` does) gets the lenient parser of :mod:`.answer`,
-  and the audit row of that request says the fallback was used.
+* **Answer modes**, as in the embedded engine (``[engine] answer_mode``): "report" (default) is two
+  requests — the free-text report with the profile's budget (Google's 2000 tokens for CT/MR), then
+  the extraction turn of the same conversation (:func:`~.prompts.extraction_messages`) under the
+  findings schema; "structured" is one request under the schema; "free" the JSON prompt without it.
+  The schema goes as ``response_format`` ``{"type": "json_schema", ...}``; a server that ignores it
+  (``transformers serve`` does) gets the lenient parser of :mod:`.answer`, and the audit row of that
+  request says the fallback was used.
 * **Failures.** Connection errors, timeouts, 429 and 5xx are retried ``max_retries`` times with
   exponential backoff; then the series fails with :class:`ServerError` naming the server and what
   went wrong (the scheduler's attempts apply). A prompt longer than the server's context is
@@ -55,7 +59,8 @@ from .egress import EgressError, ServerURL, check_allowed_hosts, check_base_url,
 from .modeldir import is_test_model, weights_sha256
 from .preprocess import (DEFAULT_CT_MAX_SLICES, DEFAULT_IMAGE_SIZE, PreparedSeries, SeriesSkipped,
                          prepare_series)
-from .prompts import PromptProfile, build_messages, merged_profiles, profile_for_modality, validate_profiles
+from .prompts import (THINKING_EXTRA_TOKENS, PromptProfile, build_messages, extraction_messages, localisation_for,
+                      merged_profiles, profile_for_modality, validate_profiles)
 from .result import AnalysisResult, ModelIdentity
 from .schema import LANGUAGES, SchemaBounds, findings_schema, max_answer_tokens
 from .thinking import strip_thinking_trace
@@ -66,7 +71,9 @@ log = logging.getLogger(__name__)
 EVENT_REQUEST = "engine.request"  #: one HTTP request to the model server (each attempt)
 EVENT_SERVER = "engine.server"  #: the server checked at start: address, model served
 
-ANSWER_MODES = ("structured", "free")
+#: As the embedded engine's: "report" (free-text report, then a schema-constrained extraction turn
+#: of the same conversation), "structured" (one schema-constrained answer), "free" (JSON prompt, parser).
+ANSWER_MODES = ("report", "structured", "free")
 IMAGE_FORMATS = ("png", "jpeg")
 #: HTTP statuses worth another try: the server is busy, restarting or behind a proxy that is.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -274,8 +281,9 @@ class OpenAIBackend:
         max_retries: int = 3,
         retry_backoff: float = 2.0,
         image_format: str = "png",
-        answer_mode: str = "structured",
-        max_new_tokens: int = 256,
+        answer_mode: str = "report",
+        thinking: bool = False,
+        max_new_tokens: int = 2000,
         ct_max_slices: int = DEFAULT_CT_MAX_SLICES,
         mr_max_slices: int | None = None,
         prompt_profiles: Mapping[str, Mapping[str, Any]] | None = None,
@@ -309,6 +317,7 @@ class OpenAIBackend:
         self.retry_backoff = retry_backoff
         self.image_format = image_format
         self.answer_mode = answer_mode
+        self.thinking = thinking
         self.max_new_tokens = max_new_tokens
         self.ct_max_slices = ct_max_slices
         self.mr_max_slices = mr_max_slices if mr_max_slices is not None else ct_max_slices
@@ -335,12 +344,14 @@ class OpenAIBackend:
                 api_key = Path(engine.api_key_file).read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise BackendStartError(f"[engine] api_key_file {engine.api_key_file}: {exc.strerror or exc}") from None
-        mode = getattr(engine, "answer_mode", None) or ("structured" if engine.structured else "free")
+        mode = getattr(engine, "answer_mode", None) or (
+            "report" if engine.structured is None else "structured" if engine.structured else "free")
         return cls(engine.base_url, engine.model, weights_sha256=engine.weights_sha256,
                    allowed_hosts=engine.allowed_hosts, api_key=api_key, max_concurrent=engine.max_concurrent,
                    connect_timeout=engine.connect_timeout_seconds, request_timeout=engine.request_timeout_seconds,
                    max_retries=engine.max_retries, retry_backoff=engine.retry_backoff_seconds,
-                   image_format=engine.image_format, answer_mode=mode, max_new_tokens=engine.max_new_tokens,
+                   image_format=engine.image_format, answer_mode=mode, thinking=bool(getattr(engine, "thinking", False)),
+                   max_new_tokens=engine.max_new_tokens,
                    ct_max_slices=engine.ct_max_slices, prompt_profiles=engine.prompts or None,
                    language=engine.language, schema_bounds=engine_bounds(engine), audit=audit)
 
@@ -404,9 +415,9 @@ class OpenAIBackend:
         return prepare_series(paths, image_size=self.image_size, ct_max_slices=self.ct_max_slices,
                               mr_max_slices=self.mr_max_slices)
 
-    def profile_for(self, modality: str, body_part: str = "") -> PromptProfile:
+    def profile_for(self, modality: str, body_part: str = "", n_images: int = 0) -> PromptProfile:
         try:
-            return profile_for_modality(modality, self.prompt_profiles, body_part)
+            return profile_for_modality(modality, self.prompt_profiles, body_part, n_images)
         except KeyError as exc:
             raise SeriesSkipped(f"no prompt profile is configured for modality {modality}") from exc
 
@@ -448,37 +459,74 @@ class OpenAIBackend:
                 self._pool = ThreadPoolExecutor(self.max_concurrent, thread_name_prefix="openai-backend")
             return self._pool
 
+    def report_budget(self, profile: PromptProfile) -> int:
+        """New tokens of a free-text answer, as the embedded engine counts them: the profile's budget
+        (Google's: 2000 for CT/MR volumes, 500 for images), +1000 when thinking, at most max_new_tokens."""
+        budget = profile.max_new_tokens or self.max_new_tokens
+        if self.thinking:
+            budget += THINKING_EXTRA_TOKENS
+        return max(1, min(budget, self.max_new_tokens))
+
     def _analyse(self, paths: list[Path]) -> AnalysisResult:
+        """One series in this backend's answer mode: the embedded engine's conversations, as requests."""
         started = time.perf_counter()
         prepared = self.prepare(paths)
-        profile = self.profile_for(prepared.modality, prepared.body_part)
-        language = profile.language or self.language
-        images = _Images(self.image_format)
-        context = _RequestLog(*_series_uids(paths), images=len(prepared.images))
+        prepare_seconds = time.perf_counter() - started
         n = len(prepared.images)
-        messages = build_messages(prepared, profile, structured=True, language=language)
-        if self.answer_mode == "structured":
-            schema = findings_schema(self.schema_bounds, language, n)
-            limit = max_answer_tokens(self.schema_bounds, language, n)
+        profile = self.profile_for(prepared.modality, prepared.body_part, n)
+        language = profile.language or self.language
+        localisation = localisation_for(prepared.modality)
+        schema = findings_schema(self.schema_bounds, language, n, localisation)
+        answer_limit = max_answer_tokens(self.schema_bounds, language, n, localisation)
+        images = _Images(self.image_format)
+        study_uid, series_uid = _series_uids(paths)
+
+        def context(turn: str) -> _RequestLog:
+            return _RequestLog(study_uid, series_uid, turn, n)
+
+        turns: list[tuple[str, Completion]] = []
+        if self.answer_mode == "report":
+            messages = build_messages(prepared, profile, language=language, thinking=self.thinking)
+            log_report = context("report")
+            report = self.complete(messages, self.report_budget(profile), None, images=images, context=log_report)
+            self._audit_answer(log_report, report, "report: free text", "success")
+            turns.append(("report", report))
+            conversation = extraction_messages(messages, report.text, language, localisation=localisation,
+                                               n_images=n)
+            log_answer = context("extraction")
+            answer = self.complete(conversation, answer_limit, schema, images=images, context=log_answer)
+            turns.append(("extraction", answer))
         else:
-            schema, limit = None, self.max_new_tokens
-        completion = self.complete(messages, limit, schema, images=images, context=context)
-        structured, error = parse_answer(completion.text, prepared.transforms, language)
-        self._audit_answer(context, completion, schema is not None, structured is not None, error)
-        if structured is not None:
+            structured_mode = self.answer_mode == "structured"
+            messages = build_messages(prepared, profile, structured=True, language=language,
+                                      thinking=self.thinking and not structured_mode)
+            log_answer = context("answer")
+            answer = self.complete(messages, answer_limit if structured_mode else self.report_budget(profile),
+                                   schema if structured_mode else None, images=images, context=log_answer)
+            turns.append(("answer", answer))
+        structured, error = parse_answer(answer.text, prepared.transforms, language)
+        self._audit_parsed(log_answer, answer, structured is not None, error)
+        if self.answer_mode == "report":
+            text = turns[0][1].text or (render_text(structured, language) if structured is not None else "")
+            if structured is None:
+                log.warning("%s series: the findings could not be extracted from the report (%s)",
+                            prepared.modality, error)
+        elif structured is not None:
             text = render_text(structured, language)
         else:
-            text = completion.text
+            text = answer.text
             log.warning("%s series: the answer is not structured (%s); the free text is the report",
                         prepared.modality, error)
         seconds = time.perf_counter() - started
-        log.info("analysed %s series by %s: %d image(s) (%.1f MB), %d prompt tokens, %d new tokens, %.2f s",
-                 prepared.modality, self.url.netloc, n, images.nbytes / 1e6, completion.prompt_tokens,
-                 completion.completion_tokens, seconds)
-        return AnalysisResult(modality=prepared.modality, findings_text=text, model=self.identity,
-                              sources=list(prepared.sources), prompt_profile=profile.name,
-                              generated_tokens=completion.completion_tokens, seconds=seconds,
-                              structured=structured, parse_error=error, language=language)
+        log.info("analysed %s series by %s (%s mode): %d image(s) (%s %.1f MB); %s; preprocess %.2f s",
+                 prepared.modality, self.url.netloc, self.answer_mode, n, self.image_format, images.nbytes / 1e6,
+                 "; ".join(f"{name} {c.prompt_tokens} input + {c.completion_tokens} new tokens in {c.seconds:.2f} s"
+                           for name, c in turns), prepare_seconds)
+        return _result(modality=prepared.modality, findings_text=text, model=self.identity,
+                       sources=list(prepared.sources), prompt_profile=profile.name,
+                       generated_tokens=sum(c.completion_tokens for _, c in turns), seconds=seconds,
+                       structured=structured, parse_error=error, language=language, answer_mode=self.answer_mode,
+                       turns=turns, prepare_seconds=prepare_seconds)
 
     # ---------------------------------------------------------------------------------------------
     # HTTP
@@ -632,24 +680,41 @@ class OpenAIBackend:
         self._record(EVENT_REQUEST, "failure", f"{self._describe(context, attempt, attempts)}; {error[:300]}; {what}",
                      context)
 
-    def _audit_answer(self, context: _RequestLog, completion: Completion, schema_sent: bool, parsed: bool,
-                      error: str) -> None:
-        """The successful request's row, with how its answer was read."""
-        if schema_sent and is_strict_json(completion.text):
-            how, outcome = "answer: JSON as constrained by response_format", "success"
-        elif schema_sent:
-            self.fallbacks += 1
-            how = ("answer: not plain JSON although response_format was sent (the server ignored it): "
-                   + ("lenient parser fallback used" if parsed else f"lenient parser fallback found none ({error}); "
-                      "the free text is the report"))
-            outcome = "warning"
-        else:
-            how = "answer: free text, lenient parser " + ("found the JSON" if parsed else f"found none ({error})")
-            outcome = "success" if parsed else "warning"
+    def _audit_answer(self, context: _RequestLog, completion: Completion, how: str, outcome: str) -> None:
+        """The row of a request that was answered, with how its answer was read."""
         self._record(EVENT_REQUEST, outcome,
                      f"{self._describe(context, completion.attempts, self.max_retries + 1)}; HTTP {completion.status}; "
                      f"{completion.prompt_tokens} prompt + {completion.completion_tokens} completion tokens; "
                      f"finish {completion.finish_reason or '-'}; {completion.seconds:.2f} s; {how}", context)
+
+    def _audit_parsed(self, context: _RequestLog, completion: Completion, parsed: bool, error: str) -> None:
+        """The row of the request whose answer holds the findings: constrained JSON, or the lenient
+        parser as the fallback (the server ignored ``response_format``), or free text."""
+        if context.schema and is_strict_json(completion.text):
+            how, outcome = "answer: JSON as constrained by response_format", "success"
+        elif context.schema:
+            self.fallbacks += 1
+            how = ("answer: not plain JSON although response_format was sent (the server ignored it): "
+                   + ("lenient parser fallback used" if parsed else f"lenient parser fallback found none ({error})"))
+            outcome = "warning"
+        else:
+            how = "answer: free text, lenient parser " + ("found the JSON" if parsed else f"found none ({error})")
+            outcome = "success" if parsed else "warning"
+        self._audit_answer(context, completion, how, outcome)
+
+
+def _result(**values: Any) -> AnalysisResult:
+    """An AnalysisResult; the per-turn figures go in where the result type has them."""
+    from dataclasses import fields
+
+    from . import result as result_module
+
+    known = {f.name for f in fields(AnalysisResult)}
+    turn_stats = getattr(result_module, "TurnStats", None)
+    if turn_stats is not None and "turns" in known:
+        values["turns"] = [turn_stats(name, c.prompt_tokens, c.completion_tokens, c.seconds)
+                           for name, c in values["turns"]]
+    return AnalysisResult(**{k: v for k, v in values.items() if k in known})
 
 
 def _error_message(data: bytes) -> str:
