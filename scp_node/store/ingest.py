@@ -135,7 +135,7 @@ KNOWN_TRANSFER_SYNTAXES = frozenset(
     + [str(uid) for uid in (*AllTransferSyntaxes, *ALL_TRANSFER_SYNTAXES)])
 
 
-def check_file_meta(ds: Any) -> str:
+def check_file_meta(ds: Any, sop_uid: str, sop_class: str) -> str:
     """Check every UID the file meta brings; return the Transfer Syntax UID as it is indexed.
 
     Transfer Syntax UID is required and must be a known transfer syntax; Media Storage SOP Class
@@ -143,21 +143,29 @@ def check_file_meta(ds: Any) -> str:
     64 characters, after the padding and surrounding whitespace that pydicom's own UID reading
     removes).  A value with anything else in it -- a line break followed by text, say -- is
     refused, never trimmed into shape.  Raises :class:`InvalidInstance` (Cannot Understand).
+
+    ``sop_uid`` and ``sop_class`` are the data set's own, already checked: the usual case -- a
+    known syntax, the meta naming the data set's own UIDs -- costs set and string look-ups only,
+    no pattern match (this runs for every received instance).
     """
     meta = ds.file_meta
     try:
-        syntax = check_uid(meta.get("TransferSyntaxUID") if meta else None, "TransferSyntaxUID")
-        for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"):
-            value = meta.get(keyword) if meta else None
-            if value is not None:
+        syntax = meta.get("TransferSyntaxUID") if meta else None
+        if not (isinstance(syntax, str) and syntax in KNOWN_TRANSFER_SYNTAXES):  # (a UID, if found there)
+            syntax = check_uid(syntax, "TransferSyntaxUID")
+            if syntax not in KNOWN_TRANSFER_SYNTAXES:
+                raise InvalidInstance("TransferSyntaxUID is not a transfer syntax this node knows")
+        for keyword, own in (("MediaStorageSOPClassUID", sop_class), ("MediaStorageSOPInstanceUID", sop_uid)):
+            value = meta.get(keyword)
+            if value is not None and value != own:
                 check_uid(value, keyword)
     except UnsafeUID as exc:
         raise InvalidInstance(str(exc)) from None
+    except InvalidInstance:
+        raise
     except Exception as exc:  # noqa: BLE001 - a meta element pydicom cannot even read
         raise InvalidInstance(f"cannot parse file meta: {type(exc).__name__}") from None
-    if syntax not in KNOWN_TRANSFER_SYNTAXES:
-        raise InvalidInstance("TransferSyntaxUID is not a transfer syntax this node knows")
-    return syntax
+    return str(syntax)
 
 
 _BLOCK = 1024 * 1024
@@ -311,7 +319,7 @@ class Ingestor:
             series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
         except UnsafeUID as exc:
             raise InvalidInstance(str(exc)) from None
-        syntax = check_file_meta(ds)
+        syntax = check_file_meta(ds, sop_uid, sop_class)
         if expected_sop_class and sop_class != expected_sop_class:
             # (STOW-RS has no presentation context: its caller passes the file meta's SOP class)
             raise SOPClassMismatch("SOP Class UID differs from MediaStorageSOPClassUID" if origin.via == "stow"
