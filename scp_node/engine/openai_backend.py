@@ -223,12 +223,25 @@ class _Connections:
         self._local = threading.local()
         self._ssl = ssl.create_default_context() if url.scheme == "https" else None
 
-    def get(self) -> http.client.HTTPConnection:
+    #: A kept-alive connection idle this long is not reused: servers close idle ones (uvicorn, which
+    #: vLLM and transformers serve run on, after 5 s), and a request body of 80 MB sent into a
+    #: connection the server is closing fails half-way.
+    IDLE_SECONDS = 2.0
+
+    def get(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection and whether it is a reused one (a fresh one is opened when needed)."""
         conn = getattr(self._local, "conn", None)
+        if conn is not None and time.monotonic() - getattr(self._local, "used", 0.0) > self.IDLE_SECONDS:
+            self.drop()
+            conn = None
         if conn is None:
             conn = self._open()
             self._local.conn = conn
-        return conn
+            return conn, False
+        return conn, True
+
+    def used(self) -> None:
+        self._local.used = time.monotonic()
 
     def drop(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -606,17 +619,31 @@ class OpenAIBackend:
         return self._request("POST", path, payload)
 
     def _request(self, method: str, path: str, payload: bytes | None = None) -> tuple[int, bytes]:
-        conn = self._connections.get()
-        try:
-            conn.request(method, self.url.path + path, body=payload, headers=self._headers())
-            response = conn.getresponse()
-            data = response.read()
-        except BaseException:
-            self._connections.drop()
-            raise
-        if response.will_close:
-            self._connections.drop()
-        return response.status, data
+        """One HTTP exchange on this thread's connection. A kept-alive connection the server closed
+        meanwhile fails before any answer: that is sent again at once on a new connection (not an
+        attempt of its own: the server never saw the request)."""
+        for fresh_only in (False, True):
+            conn, reused = self._connections.get()
+            try:
+                conn.request(method, self.url.path + path, body=payload, headers=self._headers())
+                response = conn.getresponse()
+                data = response.read()
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError,
+                    http.client.RemoteDisconnected) as exc:
+                self._connections.drop()
+                if reused and not fresh_only:
+                    log.debug("model server %s closed a kept-alive connection (%s); sending again",
+                              self.url.netloc, type(exc).__name__)
+                    continue
+                raise
+            except BaseException:
+                self._connections.drop()
+                raise
+            self._connections.used()
+            if response.will_close:
+                self._connections.drop()
+            return response.status, data
+        raise AssertionError("unreachable")
 
     def _completion(self, data: bytes, seconds: float, attempt: int) -> Completion:
         try:

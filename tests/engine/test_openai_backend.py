@@ -181,9 +181,10 @@ ANSWER = {"findings": [{"finding_type": "nodule", "location": "right upper lobe"
 class _Stub:
     """Answers POST /v1/chat/completions from a script of (status, content or error) entries."""
 
-    def __init__(self, script: list[tuple[int, str]], delay: float = 0.0) -> None:
+    def __init__(self, script: list[tuple[int, str]], delay: float = 0.0, drop_idle: bool = False) -> None:
         self.script = list(script)
         self.delay = delay
+        self.drop_idle = drop_idle  # close each connection after its answer, without saying so
         self.bodies: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.in_flight = self.max_in_flight = 0
@@ -225,6 +226,8 @@ class _Stub:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+                if stub.drop_idle:  # as uvicorn does with an idle kept-alive connection
+                    self.close_connection = True
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
@@ -244,8 +247,8 @@ class _Stub:
 def stub_factory() -> Iterator[Any]:
     made: list[_Stub] = []
 
-    def make(script: list[tuple[int, str]], delay: float = 0.0) -> _Stub:
-        made.append(_Stub(script, delay))
+    def make(script: list[tuple[int, str]], delay: float = 0.0, drop_idle: bool = False) -> _Stub:
+        made.append(_Stub(script, delay, drop_idle))
         return made[-1]
 
     yield make
@@ -368,6 +371,17 @@ def test_no_server_fails_after_the_retries_with_a_clear_error(audit_trail) -> No
     rows = _events(audit_trail, EVENT_REQUEST)
     assert [r[1] for r in rows] == ["failure"] * 3
     assert "retrying in" in rows[0][2] and "giving up" in rows[-1][2]
+
+
+def test_a_kept_alive_connection_the_server_closed_is_not_an_attempt(stub_factory, audit_trail) -> None:
+    """uvicorn (vLLM, transformers serve) closes idle kept-alive connections; the request then goes
+    again on a new connection at once, and the audit shows one attempt, not a retry."""
+    stub = stub_factory([(200, "report"), (200, json.dumps(ANSWER))], drop_idle=True)
+    backend = _backend(stub.base_url, audit_trail, max_retries=0)
+    result = backend.analyse_series([_cxr()])  # report mode: two requests on the same thread
+    assert result.structured is not None and len(stub.bodies) == 2
+    rows = _events(audit_trail, EVENT_REQUEST)
+    assert [r[1] for r in rows] == ["success", "success"] and all("attempt 1 of 1" in r[2] for r in rows)
 
 
 def test_at_most_max_concurrent_requests_in_flight(stub_factory) -> None:
