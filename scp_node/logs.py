@@ -68,8 +68,21 @@ def _exception_lines(te: traceback.TracebackException) -> list[str]:
 class EscapingFormatter(logging.Formatter):
     """A formatter whose line cannot be split or forged by a value inside the message."""
 
+    def format(self, record: logging.LogRecord) -> str:
+        # Another handler's formatter may have cached its (unescaped) traceback text in the
+        # record: ours is worked out from exc_info, and the cache is left as it was.
+        cached = record.exc_text
+        if record.exc_info:
+            record.exc_text = None
+        elif cached:  # a traceback as text only: its line breaks stay, nothing else
+            record.exc_text = "\n".join(escape_controls(line) for line in cached.split("\n"))
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = cached
+
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return escape_controls(super().formatMessage(record))
+        return escape_controls(super().formatMessage(record).rstrip("\r\n"))  # (a warning's text ends in one)
 
     def formatException(self, ei: Any) -> str:
         try:
