@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 from sqlalchemy import bindparam, insert, select, update
 
 from .driver import IndexTransaction
+from .errors import IdentityConflict
 from .models import AuditEvent, Instance, Patient, SeriesState, Series, Study, utcnow
 
 _PATIENTS, _STUDIES = Patient.__table__, Study.__table__
@@ -154,8 +155,6 @@ MOVE_CONFLICT = "SOP Instance UID already belongs to another series"
 
 
 def _conflict(reason: str) -> NoReturn:
-    from .ingest import IdentityConflict  # (the ingest module imports this one)
-
     raise IdentityConflict(reason)
 
 

@@ -33,8 +33,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ..audit import AuditTrail, Event
-from ..status import StoreStatus
 from .db import Database
+from .errors import IdentityConflict, InvalidInstance, SOPClassMismatch, StorageFailure  # noqa: F401 (callers import them here)
 from .files import (UnsafeUID, check_uid, fsync_dir, instance_path, link_new, remove_quietly,
                     sha256_hex, stage_bytes, stage_file, temp_name)
 from .group_commit import GroupCommit
@@ -52,33 +52,6 @@ class IngestOutcome(str, enum.Enum):
     DUPLICATE_IDENTICAL = "duplicate-identical"  #: same bytes as the stored copy: nothing to do
     DUPLICATE_KEPT_FIRST = "duplicate-kept-first"  #: different bytes, policy keep_first
     REPLACED = "replaced"  #: different bytes, policy replace
-
-
-class InvalidInstance(ValueError):
-    """The bytes are not a usable DICOM instance (message says why; no patient data in it).
-
-    ``status`` is the DIMSE status (and STOW-RS FailureReason) a caller answers with.
-    """
-
-    status: StoreStatus = StoreStatus.CANNOT_UNDERSTAND
-
-
-class SOPClassMismatch(InvalidInstance):
-    """The data set's SOP Class UID is not the one of its presentation context (or, for STOW-RS,
-    of its file meta)."""
-
-    status = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
-
-
-class IdentityConflict(InvalidInstance):
-    """The instance's Study, Series or Patient disagree with what the index holds for its UIDs
-    (raised inside the index transaction by :mod:`.index`): a PACS never mixes patients."""
-
-    status = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
-
-
-class StorageFailure(RuntimeError):
-    """The instance could not be kept (disk or index); the sender must be told to resend."""
 
 
 @dataclass(frozen=True)
