@@ -9,6 +9,9 @@ retry later) and an audit row.
 :func:`handle_conn_open` guards the socket of each connection: a PDU whose declared length is
 larger than we advertised (or than any control PDU needs) is answered with A-ABORT before a
 byte of its body is read, so a peer cannot make the node buffer gigabytes it never asked for.
+It also reads an A-ASSOCIATE-RQ's AE titles where the PDU has them and refuses a caller that is
+not an allowed peer (A-ASSOCIATE-RJ, audit row) before pynetdicom decodes the request: decoding
+2,000 proposed presentation contexts logged 20,000 warnings before the allow-list was asked.
 """
 
 from __future__ import annotations
