@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import tomllib
+import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -86,13 +87,22 @@ class EngineConfig:
 
     model_dir: Path = Path("var/model")
     device: str = "auto"
+    #: Upper bound on the model's free-text answer; each prompt profile has its own budget below it
+    #: (Google's: 2000 for CT/MR volumes, 500 for X-ray and 2D images; set 2000 to use them in full).
     max_new_tokens: int = 256
     ct_max_slices: int = 85
     #: Only for demos and tests: write a tiny random test model into model_dir on first start
     #: when the folder is missing. A real-weights config never sets this.
     create_test_model: bool = False
-    #: Grammar-constrained JSON answers (xgrammar); false: same JSON prompt, parsed leniently.
-    structured: bool = True
+    #: "report" (default): the model writes its report, then a grammar-constrained second turn of the
+    #: same conversation extracts the findings JSON from it; "structured": one grammar-constrained JSON
+    #: answer; "free": the JSON prompt without a grammar, parsed leniently (scp_node.engine.medgemma).
+    answer_mode: str = ""
+    #: Deprecated, used only when answer_mode is not given: true -> "structured", false -> "free".
+    #: After loading it mirrors answer_mode (None for "report").
+    structured: bool | None = None
+    #: Google's "SYSTEM INSTRUCTION: think silently if needed."; the trace is cut at <unused95>.
+    thinking: bool = False
     #: Report language: "en" or "zh" (a prompt profile may set its own).
     language: str = "en"
     #: Series analysed together in one batched generation (halved on CUDA out-of-memory).
@@ -131,6 +141,7 @@ class EngineConfig:
 
         if self.language not in ("en", "zh"):
             raise ConfigError(f"[engine] language = {self.language!r} must be 'en' or 'zh'")
+        self._resolve_answer_mode()
         for key in ("max_batch", "max_findings", "max_text_chars", "max_new_tokens", "ct_max_slices"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"[engine] {key} must be at least 1")
@@ -139,6 +150,21 @@ class EngineConfig:
         except ValueError as exc:
             raise ConfigError(f"[engine.prompts] {exc}") from None
         self._check_backend()
+
+    def _resolve_answer_mode(self) -> None:
+        """answer_mode wins; without it the old ``structured`` key decides (with a warning), else "report"."""
+        if self.structured is not None and not isinstance(self.structured, bool):
+            raise ConfigError(f"[engine] structured = {self.structured!r} is not a bool")
+        mode = self.answer_mode
+        if not mode:
+            mode = "report" if self.structured is None else "structured" if self.structured else "free"
+            if self.structured is not None:
+                warnings.warn(f"[engine] structured = {str(self.structured).lower()} is deprecated; "
+                              f"use answer_mode = {mode!r}", DeprecationWarning, stacklevel=2)
+        if mode not in ("report", "structured", "free"):
+            raise ConfigError(f"[engine] answer_mode = {mode!r} must be 'report', 'structured' or 'free'")
+        object.__setattr__(self, "answer_mode", mode)
+        object.__setattr__(self, "structured", {"report": None, "structured": True, "free": False}[mode])
 
     def _check_backend(self) -> None:
         """The serving backend's keys; an openai server must be loopback or in allowed_hosts."""
@@ -194,6 +220,9 @@ class ReportConfig:
     institution_name: str = ""
     station_name: str = "SCPNODE"
     series_number: int = 9901
+    #: A short SR for a series the engine could not analyse (unsupported or undecodable images),
+    #: saying so and why; series with nothing to analyse (SR, PR, KO, no pixels) stay silent.
+    notify_not_analysed: bool = False
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from .modeldir import ModelDirError, check_model_dir, is_test_model, weights_sha256
-from .result import AnalysisResult, ModelIdentity, SourceImageRef
+from .result import AnalysisResult, ModelIdentity, SourceImageRef, TurnStats
 
 _LAZY = {
     "MedGemmaEngine": ".medgemma",
@@ -32,6 +32,7 @@ __all__ = [
     "AnalysisResult",
     "ModelIdentity",
     "SourceImageRef",
+    "TurnStats",
     "ModelDirError",
     "check_model_dir",
     "is_test_model",

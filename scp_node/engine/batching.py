@@ -5,7 +5,7 @@ preprocessing and generation, and how jobs are grouped into generate calls.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from .preprocess import PreparedSeries
 from .prompts import PromptProfile
@@ -19,9 +19,14 @@ class _Job:
     prepared: PreparedSeries
     profile: PromptProfile
     language: str
-    messages: list[dict[str, Any]]
-    schema: str | None
+    messages: list[dict[str, Any]]  #: the first (or only) turn's conversation
+    schema: str | None  #: its grammar (None: free text)
     prepare_seconds: float
+    limit: int = 256  #: its new-token budget
+    localisation: str = "box"  #: "box" (CR/DX) or "slice" (CT/MR)
+    extraction_schema: str | None = None  #: "report" mode: the second turn's grammar
+    extraction_limit: int = 0  #: and its budget
+    first: Optional[Any] = None  #: the first turn's GenerationOutput once generated
 
 
 def _groups(jobs: list[_Job], max_batch: int) -> list[list[_Job]]:

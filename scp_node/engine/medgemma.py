@@ -38,9 +38,9 @@ from .preprocess import (
 )
 from .answer import parse_answer, render_text
 from .batching import _groups, _Job
-from .prompts import (PromptProfile, build_messages, localisation_for, merged_profiles, profile_for_modality,
-                      validate_profiles)
-from .result import AnalysisResult, ModelIdentity
+from .prompts import (THINKING_EXTRA_TOKENS, PromptProfile, build_messages, extraction_messages, localisation_for,
+                      merged_profiles, profile_for_modality, validate_profiles)
+from .result import AnalysisResult, ModelIdentity, TurnStats
 from .schema import LANGUAGES, SchemaBounds, findings_schema, max_answer_tokens, schema_json
 from .thinking import THINKING_END, THINKING_START, drop_thinking_ids, strip_thinking_trace
 
@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 #: AlgorithmName for the tiny random model: must make clear that its output means nothing (LO, <= 64 chars).
 TEST_MODEL_NAME = "scp_node TEST MODEL: tiny random weights, MedGemma architecture"
 _MEDGEMMA_NAME = re.compile(r"medgemma[-_ ]?(?:(?P<version>\d+(?:\.\d+)*)[-_ ])?(?P<size>\d+)b", re.IGNORECASE)
+
+
+#: How the model answers (see :class:`MedGemmaEngine`).
+ANSWER_MODES: tuple[str, ...] = ("report", "structured", "free")
 
 
 class EngineError(RuntimeError):
@@ -117,13 +121,15 @@ class MedGemmaEngine:
         self,
         model_dir: Path,
         device: str = "auto",
-        max_new_tokens: int = 256,
+        max_new_tokens: int = 2000,
         ct_max_slices: int = DEFAULT_CT_MAX_SLICES,
         *,
         mr_max_slices: int | None = None,
         prompt_profiles: Mapping[str, Mapping[str, Any]] | None = None,
         attn_implementation: str = "sdpa",
-        structured: bool = True,
+        structured: bool | None = None,
+        answer_mode: str | None = None,
+        thinking: bool = False,
         language: str = "en",
         max_batch: int = 4,
         compile: bool = False,
@@ -132,10 +138,20 @@ class MedGemmaEngine:
     ) -> None:
         """``prompt_profiles`` come first, the defaults they do not replace by name after them.
 
-        ``structured``: grammar-constrained JSON answers (else the same JSON prompt, parsed leniently,
-        free text kept when it does not parse). ``compile``: static KV cache (compiled by transformers
-        on CUDA). ``_oom_above``: test hook, a batch larger than this raises a simulated CUDA OOM.
+        ``answer_mode`` (:data:`ANSWER_MODES`): "report" (default) - the model writes its free-text
+        report with Google's prompt and budget, then a second, grammar-constrained turn of the same
+        conversation extracts the findings JSON from that report; "structured" - one grammar-constrained
+        JSON answer; "free" - the JSON prompt without a grammar, parsed leniently (free text kept when it
+        does not parse). Without ``answer_mode`` the old ``structured`` flag decides (True: "structured",
+        False: "free", None: "report"). ``max_new_tokens`` caps every free-text answer (each profile's
+        own budget applies below it). ``thinking``: Google's thinking system instruction (the trace is
+        cut at <unused95>). ``compile``: static KV cache (compiled by transformers on CUDA).
+        ``_oom_above``: test hook, a batch larger than this raises a simulated CUDA OOM.
         """
+        if answer_mode is None:
+            answer_mode = "report" if structured is None else "structured" if structured else "free"
+        if answer_mode not in ANSWER_MODES:
+            raise ValueError(f"answer_mode must be one of {ANSWER_MODES}, not {answer_mode!r}")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         if max_batch < 1:
@@ -153,7 +169,9 @@ class MedGemmaEngine:
         self.mr_max_slices = mr_max_slices if mr_max_slices is not None else ct_max_slices
         self.prompt_profiles = merged_profiles(prompt_profiles)
         self.attn_implementation = attn_implementation
-        self.structured = structured
+        self.answer_mode = answer_mode
+        self.structured = answer_mode != "free"  #: whether answers go through the findings grammar
+        self.thinking = thinking
         self.language = language
         self.max_batch = max_batch
         self.compile = compile
@@ -413,15 +431,7 @@ class MedGemmaEngine:
             started = time.perf_counter()
             try:
                 prepared = self.prepare(list(paths))
-                profile = self.profile_for(prepared.modality, prepared.body_part, len(prepared.images))
-                language = profile.language or self.language
-                localisation = localisation_for(prepared.modality)
-                messages = build_messages(prepared, profile, structured=True, language=language)
-                schema = (schema_json(findings_schema(self.schema_bounds, language, len(prepared.images),
-                                                      localisation))
-                          if self.structured else None)
-                pending.append(_Job(index, prepared, profile, language, messages, schema,
-                                    time.perf_counter() - started))
+                pending.append(self._job(index, prepared, time.perf_counter() - started))
             except Exception as exc:  # noqa: BLE001 - recorded for this job; the others go on
                 if not isinstance(exc, SeriesSkipped):
                     log.warning("series %d of the batch failed in preprocessing: %s", index + 1, type(exc).__name__)
@@ -462,27 +472,83 @@ class MedGemmaEngine:
         for job, output in zip(group, outputs):
             out[job.index] = self._result(job, output)
 
+    def report_budget(self, profile: PromptProfile) -> int:
+        """New tokens for a free-text answer: the profile's budget (+1000 for a thinking trace, as the
+        quick start notebook allows), never more than ``max_new_tokens``."""
+        budget = profile.max_new_tokens or self.max_new_tokens
+        if self.thinking:
+            budget += THINKING_EXTRA_TOKENS
+        return max(1, min(budget, self.max_new_tokens))
+
+    def _job(self, index: int, prepared: PreparedSeries, prepare_seconds: float) -> "_Job":
+        """The conversation, schema and budget of one series in this engine's answer mode."""
+        n = len(prepared.images)
+        profile = self.profile_for(prepared.modality, prepared.body_part, n)
+        language = profile.language or self.language
+        localisation = localisation_for(prepared.modality)
+        schema = schema_json(findings_schema(self.schema_bounds, language, n, localisation))
+        answer_limit = max_answer_tokens(self.schema_bounds, language, n, localisation)
+        if self.answer_mode == "report":
+            messages = build_messages(prepared, profile, language=language, thinking=self.thinking)
+            return _Job(index, prepared, profile, language, messages, None, prepare_seconds,
+                        limit=self.report_budget(profile), localisation=localisation,
+                        extraction_schema=schema, extraction_limit=answer_limit)
+        messages = build_messages(prepared, profile, structured=True, language=language,
+                                  thinking=self.thinking and self.answer_mode == "free")
+        if self.answer_mode == "structured":
+            return _Job(index, prepared, profile, language, messages, schema, prepare_seconds,
+                        limit=answer_limit, localisation=localisation)
+        return _Job(index, prepared, profile, language, messages, None, prepare_seconds,
+                    limit=self.report_budget(profile), localisation=localisation)
+
     def _generate_jobs(self, group: list["_Job"]) -> list[GenerationOutput]:
-        limit = self.max_new_tokens
-        if self.structured:
-            limit = max(max_answer_tokens(self.schema_bounds, j.language, len(j.prepared.images),
-                                          localisation_for(j.prepared.modality)) for j in group)
-        return self.generate_batch([j.messages for j in group], [j.schema for j in group], limit)
+        """One generate call for the group (the answer, or the report turn); in "report" mode then a
+        second, grammar-constrained call for the extraction turn. A report already written (the group
+        was split after an out-of-memory in the second turn) is not written again."""
+        todo = [j for j in group if j.first is None]
+        if todo:
+            limit = max(j.limit for j in todo)
+            for job, output in zip(todo, self.generate_batch([j.messages for j in todo], [j.schema for j in todo],
+                                                             limit)):
+                job.first = output
+        if self.answer_mode != "report":
+            return [j.first for j in group]  # type: ignore[misc]
+        conversations = [extraction_messages(j.messages, j.first.text, j.language,  # type: ignore[union-attr]
+                                             localisation=j.localisation, n_images=len(j.prepared.images))
+                         for j in group]
+        limit = max(j.extraction_limit for j in group)
+        return self.generate_batch(conversations, [j.extraction_schema for j in group], limit)
 
     def _result(self, job: "_Job", output: GenerationOutput) -> AnalysisResult:
+        """The result of one series: in "report" mode ``output`` is the extraction turn and the
+        report text is the model's own report; otherwise ``output`` is the one answer."""
         prepared = job.prepared
+        first = job.first if job.first is not None else output
         structured, error = parse_answer(output.text, prepared.transforms, job.language)
-        if structured is not None:
-            text = render_text(structured, job.language)
+        if self.answer_mode == "report":
+            turns = [TurnStats("report", first.input_tokens, first.generated_tokens, first.seconds),
+                     TurnStats("extraction", output.input_tokens, output.generated_tokens, output.seconds)]
+            text = first.text
+            if not text.strip():
+                text = render_text(structured, job.language) if structured is not None else ""
+            if structured is None:
+                log.warning("%s series: the findings could not be extracted from the report (%s)",
+                            prepared.modality, error)
         else:
-            text = output.text
-            log.warning("%s series: the answer is not structured (%s); the free text is the report",
-                        prepared.modality, error)
-        seconds = job.prepare_seconds + output.seconds
+            turns = [TurnStats("answer", output.input_tokens, output.generated_tokens, output.seconds)]
+            if structured is not None:
+                text = render_text(structured, job.language)
+            else:
+                text = output.text
+                log.warning("%s series: the answer is not structured (%s); the free text is the report",
+                            prepared.modality, error)
+        seconds = job.prepare_seconds + sum(t.seconds for t in turns)
         log.info(
-            "analysed %s series: %d image(s), %d input tokens, %d new tokens; preprocess %.2f s, model %.2f s",
-            prepared.modality, len(prepared.images), output.input_tokens, output.generated_tokens,
-            job.prepare_seconds, output.seconds,
+            "analysed %s series (%s mode): %d image(s); %s; preprocess %.2f s",
+            prepared.modality, self.answer_mode, len(prepared.images),
+            "; ".join(f"{t.name} {t.input_tokens} input + {t.new_tokens} new tokens in {t.seconds:.2f} s"
+                      for t in turns),
+            job.prepare_seconds,
         )
         return AnalysisResult(
             modality=prepared.modality,
@@ -490,11 +556,14 @@ class MedGemmaEngine:
             model=self.identity,
             sources=list(prepared.sources),
             prompt_profile=job.profile.name,
-            generated_tokens=output.generated_tokens,
+            generated_tokens=sum(t.new_tokens for t in turns),
             seconds=seconds,
             structured=structured,
             parse_error=error,
             language=job.language,
+            answer_mode=self.answer_mode,
+            turns=turns,
+            prepare_seconds=job.prepare_seconds,
         )
 
 

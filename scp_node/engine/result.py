@@ -80,6 +80,16 @@ class StructuredFindings:
     triage: str = "normal"  #: one of TRIAGE_VALUES
 
 
+@dataclass(frozen=True)
+class TurnStats:
+    """One model call of an analysis: "report" and "extraction" (report mode) or "answer"."""
+
+    name: str
+    input_tokens: int  #: prompt tokens, image tokens included
+    new_tokens: int  #: tokens generated (thinking trace and final stop token included)
+    seconds: float  #: wall time of the generate call (shared by the series of one batch)
+
+
 @dataclass
 class AnalysisResult:
     """What the engine says about one series."""
@@ -96,3 +106,7 @@ class AnalysisResult:
     structured: StructuredFindings | None = None
     parse_error: str = ""
     language: str = "en"  #: report language: "en" or "zh"
+    answer_mode: str = "structured"  #: "report", "structured" or "free" (scp_node.engine.medgemma)
+    #: Per model call: tokens and seconds (report mode: the report turn, then the extraction turn).
+    turns: list[TurnStats] = field(default_factory=list)
+    prepare_seconds: float = 0.0  #: preprocessing (decode, window, resize) of the series

@@ -32,8 +32,11 @@ def warm_up(engine: Any) -> float:
     messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                              {"type": "text", "text": "Describe this image."}]}]
     schema = schema_json(findings_schema(engine.schema_bounds, engine.language, 1)) if engine.structured else None
+    # "report" mode runs a free-text turn and a grammar-constrained one: warm both up.
+    schemas = [None, schema] if getattr(engine, "answer_mode", "") == "report" else [schema]
     for size in sorted({1, engine.max_batch}):
-        engine.generate_batch([messages] * size, [schema] * size, max_new_tokens=WARM_UP_TOKENS)
+        for one in schemas:
+            engine.generate_batch([messages] * size, [one] * size, max_new_tokens=WARM_UP_TOKENS)
     seconds = time.perf_counter() - start
     log.info("engine warm-up (batch sizes 1 and %d) took %.1f s", engine.max_batch, seconds)
     return seconds

@@ -315,6 +315,24 @@ def _image_region(region: ModelRegion, result: AnalysisResult, by_uid: dict[str,
     )
 
 
+def _slice_image(index: int, result: AnalysisResult,
+                 by_uid: dict[str, SourceImage]) -> SourceImageForMeasurementGroup | None:
+    """The one source image (and frame) a CT/MR finding is on: the model's SLICE k is ``sources[k-1]``."""
+    if not 0 <= index < len(result.sources):
+        logger.warning("finding names slice %d of %d; it references every source image", index + 1,
+                       len(result.sources))
+        return None
+    ref = result.sources[index]
+    source = by_uid.get(str(ref.sop_instance_uid))
+    if source is None:
+        return None
+    return SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=source.dataset.SOPClassUID,
+        referenced_sop_instance_uid=source.dataset.SOPInstanceUID,
+        referenced_frame_numbers=[ref.frame_number] if ref.frame_number is not None else None,
+    )
+
+
 def finding_group(
     number: int,
     finding: Finding,
@@ -347,8 +365,13 @@ def finding_group(
         measurements=measurements,
     )
     region = _image_region(finding.region, result, by_uid) if finding.region is not None else None
+    slice_image = _slice_image(finding.source_index, result, by_uid) if finding.source_index is not None else None
     if region is not None:
         group = PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+    elif slice_image is not None:
+        # CT/MR: the model named the slice (SLICE k) the finding is on; boxes are documented for
+        # chest X-ray only, so the group points at that one image instead of drawing a rectangle.
+        group = MeasurementsAndQualitativeEvaluations(source_images=[slice_image], **common)
     else:
         group = MeasurementsAndQualitativeEvaluations(
             source_images=_source_images_for_group(sources), **common
@@ -404,15 +427,20 @@ def measurement_groups(
     """The Imaging Measurements groups: one per structured finding, else the free-text group.
 
     A structured answer that lists no findings still gets the free-text group (TID 1500 needs at
-    least one group, and "the model named nothing" must not be coded as "no abnormality").
+    least one group, and "the model named nothing" must not be coded as "no abnormality"). In
+    "report" mode the model's own report is the text of the SR: its free-text group comes first,
+    the coded findings extracted from it follow.
     """
     if result.structured is None or not result.structured.findings:
         return [free_text_group(result, sources, findings_text, str(new_uid()))]
     by_uid = {str(s.dataset.SOPInstanceUID): s for s in sources}
-    return [
+    groups = [
         finding_group(number, finding, result, sources, by_uid)
         for number, finding in enumerate(result.structured.findings, start=1)
     ]
+    if getattr(result, "answer_mode", "") == "report" and findings_text.strip():
+        groups.insert(0, free_text_group(result, sources, findings_text, str(new_uid())))
+    return groups
 
 
 def build_content(

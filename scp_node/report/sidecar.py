@@ -44,6 +44,16 @@ def _region(finding: Finding, result: AnalysisResult) -> dict[str, Any] | None:
     }
 
 
+def _slice(finding: Finding, result: AnalysisResult) -> dict[str, Any] | None:
+    """CT/MR: the image the model named (its SLICE k, 1-based in the model input) and its instance."""
+    index = finding.source_index
+    if index is None or not 0 <= index < len(result.sources):
+        return None
+    source = result.sources[index]
+    return {"slice": index + 1, "sop_instance_uid": str(source.sop_instance_uid),
+            "frame_number": source.frame_number}
+
+
 def _finding(finding: Finding, result: AnalysisResult) -> dict[str, Any]:
     site = codes.finding_site(finding.location) if finding.location.strip() else None
     return {
@@ -62,6 +72,7 @@ def _finding(finding: Finding, result: AnalysisResult) -> dict[str, Any]:
             else []
         ),
         "region": _region(finding, result),
+        "slice": _slice(finding, result),
     }
 
 
@@ -132,6 +143,9 @@ def findings_json(sr: Comprehensive3DSR, result: AnalysisResult) -> dict[str, An
         "findings_text": result.findings_text,
         "generated_tokens": result.generated_tokens,
         "seconds": result.seconds,
+        "answer_mode": getattr(result, "answer_mode", ""),
+        "turns": [{"name": t.name, "input_tokens": t.input_tokens, "new_tokens": t.new_tokens,
+                   "seconds": round(t.seconds, 3)} for t in getattr(result, "turns", [])],
         "sr": {
             "sop_instance_uid": str(sr.SOPInstanceUID),
             "sop_class_uid": str(sr.SOPClassUID),

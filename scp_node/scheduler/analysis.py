@@ -232,12 +232,21 @@ class AnalysisQueue:
             job.finished_at = utcnow()
             self.audit.add(session, Event.ANALYSIS_FINISHED,
                            detail=f"job {job.id}: {result.modality}, {len(result.sources)} images, "
-                                  f"{result.generated_tokens} tokens, {seconds:.1f} s, model {result.model.name}"
+                                  f"{result.generated_tokens} tokens{_turns(result)}, {seconds:.1f} s, "
+                                  f"model {result.model.name}"
                                   + (" (TEST MODEL)" if result.model.is_test_model else ""), **ids)
             self.audit.add(session, Event.SR_CREATED, sop_uid=str(sr.SOPInstanceUID),
                            detail=f"SR series {sr.SeriesInstanceUID}; exports queued: "
                                   + (", ".join(d.name for d in routed) or "none (no destination routes this modality)"),
                            study_uid=ids["study_uid"], series_uid=ids["series_uid"], patient_id=ids["patient_id"])
+
+
+def _turns(result: AnalysisResult) -> str:
+    """" (report 412 + extraction 96)" for a two-turn answer, else ""."""
+    turns = getattr(result, "turns", None) or []
+    if len(turns) < 2:
+        return ""
+    return " (" + " + ".join(f"{t.name} {t.new_tokens}" for t in turns) + ")"
 
 
 def requeue_failed(db: Database, audit: AuditTrail) -> int:

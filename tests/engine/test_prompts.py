@@ -187,7 +187,7 @@ def test_engine_config_reads_prompt_tables(tmp_path) -> None:  # type: ignore[no
     path.write_text('[engine]\nlanguage = "zh"\nmax_batch = 8\n[engine.prompts.ct-head]\nmodalities = ["CT"]\n'
                     'body_parts = ["HEAD"]\ninstruction = "Head CT."\nquestion = "Bleed?"\n')
     engine = load(path, environ={}).engine
-    assert (engine.language, engine.max_batch, engine.structured, engine.compile) == ("zh", 8, True, False)
+    assert (engine.language, engine.max_batch, engine.answer_mode, engine.compile) == ("zh", 8, "report", False)
     assert engine.prompts["ct-head"]["body_parts"] == ["HEAD"]
     path.write_text('[engine.prompts.ct-head]\nmodalities = ["CT"]\n')
     with pytest.raises(ConfigError, match="question"):

@@ -108,6 +108,17 @@ def cases(cxr_rg1, cxr_mono1, ct_series, make_result, node, strict_writing_mode,
                                        recommendation="Compare with prior CT.", triage="urgent")
     built["ct_multi"] = (ct_series, ct)
 
+    # "report" mode on a CT: the model's own report is the text, the extracted findings name slices
+    report = make_result(ct_series, "FINDINGS: 6 mm nodule in the right upper lobe (SLICE 12). Small left "
+                         "effusion (SLICE 70).\nIMPRESSION: Pulmonary nodule.", test_model=True)
+    report.answer_mode = "report"
+    report.structured = StructuredFindings(
+        (Finding("nodule", "6 mm nodule.", "right upper lobe", 6.0, source_index=11),
+         Finding("pleural_effusion", "Small effusion.", "left pleura", None, source_index=69),
+         Finding("other", "Named no slice.", "", None)),
+        impression="Pulmonary nodule.", triage="abnormal")
+    built["ct_report_slices"] = (ct_series, report)
+
     failed = make_result(cxr_mono1, "Heart size normal. Lungs clear (not JSON).", test_model=False)
     failed.parse_error = "no JSON object in the answer"
     built["failed_parse"] = (cxr_mono1, failed)
@@ -129,7 +140,7 @@ def cases(cxr_rg1, cxr_mono1, ct_series, make_result, node, strict_writing_mode,
     return files
 
 
-@pytest.mark.parametrize("case", ["cxr_boxes", "ct_multi", "failed_parse", "chinese"])
+@pytest.mark.parametrize("case", ["cxr_boxes", "ct_multi", "ct_report_slices", "failed_parse", "chinese"])
 def test_dciodvfy_has_no_errors(case, cases, require_tool):
     path, _ = cases[case]
     run = run_tool(require_tool("dciodvfy"), str(path))
@@ -140,7 +151,7 @@ def test_dciodvfy_has_no_errors(case, cases, require_tool):
     assert not unexpected, "\n".join(unexpected)
 
 
-@pytest.mark.parametrize("case", ["cxr_boxes", "ct_multi", "failed_parse", "chinese"])
+@pytest.mark.parametrize("case", ["cxr_boxes", "ct_multi", "ct_report_slices", "failed_parse", "chinese"])
 def test_dsrdump_shows_tid1500_and_coded_findings(case, cases, require_tool):
     path, result = cases[case]
     run = run_tool(require_tool("dsrdump"), "+Pt", "+Pl", str(path))
@@ -223,6 +234,27 @@ def test_ct_regions_reference_their_slices(cases, ct_series):
     assert len(sr.content.get_image_measurement_groups()) == 1  # the atelectasis, without region
 
 
+def test_ct_findings_reference_the_slice_the_model_named(cases, ct_series, require_tool):
+    path, result = cases["ct_report_slices"]
+    sr = read_report(path)
+    assert not sr.content.get_planar_roi_measurement_groups()  # no rectangles on CT
+    groups = sr.content.get_image_measurement_groups()
+    # the model's report first (free text), then one group per extracted finding
+    assert [g.finding_type for g in groups] == [codes.FINDING_TYPE] + [
+        codes.finding_type_code(t) for t in ("nodule", "pleural_effusion", "other")]
+    referenced = [[str(i.referenced_sop_instance_uid) for i in g.source_images] for g in groups]
+    assert referenced[1] == [str(result.sources[11].sop_instance_uid)]
+    assert referenced[2] == [str(result.sources[69].sop_instance_uid)]
+    assert len(referenced[0]) == len(referenced[3]) == 133  # the report and a finding without a slice: all
+    out = run_tool(require_tool("dsrdump"), "+Pt", "+Pl", str(path)).stdout
+    assert "6 mm nodule in the right upper lobe (SLICE 12)" in out
+    sidecar = findings_json(sr, result)
+    slices = [f["slice"] for f in sidecar["findings"]]
+    assert slices[0] == {"slice": 12, "sop_instance_uid": str(result.sources[11].sop_instance_uid),
+                         "frame_number": None}
+    assert slices[2] is None and sidecar["answer_mode"] == "report"
+
+
 def test_failed_parse_keeps_free_text(cases):
     path, result = cases["failed_parse"]
     sr = read_report(path)
@@ -261,7 +293,7 @@ def test_chinese_report(cases, require_tool):
     assert '"Finding Site")=(80891009,SCT,"Heart")' in out  # 心脏
 
 
-@pytest.mark.parametrize("case", ["cxr_boxes", "ct_multi", "failed_parse", "chinese"])
+@pytest.mark.parametrize("case", ["cxr_boxes", "ct_multi", "ct_report_slices", "failed_parse", "chinese"])
 def test_dsr2html_renders(case, cases, require_tool):
     path, result = cases[case]
     run = run_tool(require_tool("dsr2html"), str(path))
