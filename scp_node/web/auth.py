@@ -94,6 +94,16 @@ class AuditRateLimit:
                 tally.start, tally.rows, tally.pending = now, self.burst, 0
         return out
 
+    def drain(self) -> list[tuple[Hashable, int, str]]:
+        """Every count not written yet, due or not (at stop: nothing counted is lost)."""
+        out = [(key, t.pending, t.detail) for key, t in self._tallies.items() if t.pending]
+        for tally in self._tallies.values():
+            tally.pending = 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return out
+
     def next_due_in(self) -> float | None:
         """Seconds until the next row of counted occurrences is due (None: nothing counted)."""
         now = self.clock()
@@ -178,6 +188,10 @@ class BearerAuth:
         rsp = DicomJSONResponse({"error": "a valid bearer token is required"}, status_code=401,
                                 headers={"WWW-Authenticate": 'Bearer realm="scp_node"'})
         await rsp(scope, receive, send)
+
+    def write_pending(self) -> None:
+        """Write the rows of refusals counted so far (the server has stopped: nothing else runs)."""
+        self._write_counted(self.limit.drain())
 
     def _write_counted(self, rows: list[tuple[Hashable, int, str]]) -> None:
         """The rows for refusals counted instead of audited one by one (in a worker thread)."""

@@ -23,6 +23,7 @@ the count (:class:`scp_node.web.auth.AuditRateLimit`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import threading
@@ -35,7 +36,7 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..config import WebConfig
-from .auth import AuditRateLimit
+from .auth import AuditRateLimit, BearerAuth
 
 log = logging.getLogger(__name__)
 
@@ -57,45 +58,44 @@ class WebStartError(RuntimeError):
 class ConnectionGuard:
     """What the connections of one server share: the limits, and the audit of closed connections.
 
-    Called on the server's event loop only.  ``audit`` may be None (no rows, log lines only).
+    Called on the server's event loop only (``write_pending`` once it has stopped).  ``audit``
+    may be None (log lines only).  One :class:`AuditRateLimit` per reason, keyed by address.
     """
 
-    def __init__(self, web: WebConfig, audit: Any = None, limit: AuditRateLimit | None = None) -> None:
+    REASONS = ("header_timeout", "max_connections")
+
+    def __init__(self, web: WebConfig, audit: Any = None) -> None:
         self.header_timeout = float(web.header_timeout_seconds)
         self.max_connections = int(web.max_connections)
         self.audit = audit
-        self.limit = limit if limit is not None else AuditRateLimit(
-            interval=CLOSED_ROW_INTERVAL_SECONDS, burst=CLOSED_ROWS_PER_INTERVAL)
-        self.closed = {"header_timeout": 0, "max_connections": 0}  #: totals since start
+        self.limits = {reason: AuditRateLimit(interval=CLOSED_ROW_INTERVAL_SECONDS, burst=CLOSED_ROWS_PER_INTERVAL)
+                       for reason in self.REASONS}
+        self.closed = dict.fromkeys(self.REASONS, 0)  #: totals since start
 
     def closed_one(self, reason: str, peer: str) -> None:
         """A connection closed for ``reason``: audited now, or counted for a later row."""
         self.closed[reason] += 1
-        detail = self._detail(reason, 1)
-        if self.limit.note((reason, peer), detail):
-            self._write([((reason, peer), 1, detail)])
+        limit = self.limits[reason]
+        if limit.note(peer, "since the last row"):  # (the note the counted ones' row gets)
+            asyncio.get_running_loop().run_in_executor(None, self._record, reason, [(peer, 1, "")])
         else:
-            self.limit.flush_later(self._write_counted)
+            limit.flush_later(functools.partial(self._record, reason))
 
-    def _detail(self, reason: str, count: int) -> str:
+    def write_pending(self) -> None:
+        """Write the rows of closed connections counted so far (the server has stopped)."""
+        for reason, limit in self.limits.items():
+            self._record(reason, limit.drain())
+
+    def _record(self, reason: str, rows: list[tuple[Hashable, int, str]]) -> None:
         what = (f"sent no complete request header within {self.header_timeout:g} s" if reason == "header_timeout"
                 else f"over max_connections ({self.max_connections} open): answered 503")
-        return f"{count} connection{'s' if count != 1 else ''} closed by the server: {what}"
-
-    def _write_counted(self, rows: list[tuple[Hashable, int, str]]) -> None:
-        self._record([(key, count, self._detail(key[0], count) + " (since the last row)")  # type: ignore[index]
-                      for key, count, _ in rows])
-
-    def _write(self, rows: list[tuple[Hashable, int, str]]) -> None:
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(None, self._record, rows)
-
-    def _record(self, rows: list[tuple[Hashable, int, str]]) -> None:
-        for key, _count, detail in rows:
-            peer = str(key[1]) if isinstance(key, tuple) else str(key)
+        for peer, count, note in rows:
+            detail = f"{count} connection{'s' if count != 1 else ''} closed by the server: {what}"
+            if note:
+                detail += f" ({note})"
             log.warning("DICOMweb connection from %s: %s", peer, detail)
             if self.audit is not None:
-                self.audit.record(WEB_CONNECTION_CLOSED, outcome="failure", peer=peer, detail=detail)
+                self.audit.record(WEB_CONNECTION_CLOSED, outcome="failure", peer=str(peer), detail=detail)
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -173,6 +173,7 @@ class WebServer:
                                      timeout_keep_alive=web.keep_alive_seconds,  # type: ignore[arg-type]
                                      limit_concurrency=int(web.max_connections) + 1, **ssl)
         self.server = uvicorn.Server(self.config)
+        self._app = app
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
 
@@ -208,9 +209,25 @@ class WebServer:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let running requests finish (up to uvicorn's graceful timeout)."""
         self.server.should_exit = True
+        stopped = True
         if self._thread is not None:
             self._thread.join(timeout)
+            stopped = not self._thread.is_alive()
             self._thread = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if stopped:  # (a loop still running may still count: its counts stay unwritten)
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Counted refusals and closed connections not yet in the audit get their rows now."""
+        self.guard.write_pending()
+        layer = getattr(self._app, "middleware_stack", None)  # Starlette builds it at the first request
+        for _ in range(16):
+            if layer is None:
+                break
+            if isinstance(layer, BearerAuth):
+                layer.write_pending()
+                break
+            layer = getattr(layer, "app", None)

@@ -46,7 +46,8 @@ def _serve(tmp_path: Path, *, header_timeout: float = 30.0, keep_alive: float = 
                     header_timeout_seconds=header_timeout, keep_alive_seconds=keep_alive,
                     max_connections=max_connections)
     server = WebServer(create_app(web, db, audit, ingestor, tmp_path / "spool"), web)
-    server.guard.limit = AuditRateLimit(interval=row_interval, burst=1)
+    for limit in server.guard.limits.values():
+        limit.interval = row_interval
     server.start()
     return WebNode(f"http://127.0.0.1:{web.port}", db_path, tmp_path / "storage", server)
 
@@ -156,6 +157,30 @@ def test_unauthenticated_requests_audited_at_a_bounded_rate(tmp_path: Path, monk
         node.server.stop()
 
 
+def test_counted_refusals_and_closed_connections_are_written_at_stop(tmp_path: Path) -> None:
+    node = _serve(tmp_path, header_timeout=0.5, row_interval=60.0)
+    stopped = False
+    try:
+        with requests.Session() as session:
+            for _ in range(15):
+                assert session.get(node.root + "/studies", timeout=10).status_code == 401
+        socks = [_connect(node) for _ in range(3)]
+        for s in socks:
+            _closed_after(s, time.monotonic())
+            s.close()
+        time.sleep(0.3)
+        assert len(node.audit("web.unauthorized")) == 10 and len(node.audit("web.connection_closed")) == 1
+        node.server.stop()
+        stopped = True
+    finally:
+        if not stopped:
+            node.server.stop()
+    refused = node.audit("web.unauthorized")
+    closed = node.audit("web.connection_closed")
+    assert len(refused) == 11 and refused[-1][3].startswith("5 requests refused since the last row")
+    assert len(closed) == 2 and closed[-1][3].startswith("2 connections closed") and "since the last row" in closed[-1][3]
+
+
 def test_rate_limit_bursts_counts_and_quiet_intervals() -> None:
     now = [0.0]
     limit = AuditRateLimit(interval=60.0, burst=2, max_keys=2, clock=lambda: now[0])
@@ -206,6 +231,8 @@ def test_node_closes_half_open_connections_and_limits_refusal_rows(tmp_path: Pat
     closed = [d for e, d in rows if e == "web.connection_closed"]
     refused = [d for e, d in rows if e == "web.unauthorized"]
     assert len(closed) == 1 and "request header within 1 s" in closed[0]
-    assert len(refused) == web_auth.REFUSED_ROWS_PER_INTERVAL  # the other 50 wait for the minute's row
+    # A row each for the first 10; the other 50 are counted, and their row is written at the stop.
+    assert len(refused) == web_auth.REFUSED_ROWS_PER_INTERVAL + 1
+    assert refused[-1].startswith("50 requests refused since the last row")
     log = node.output()
     assert log.count("DICOMweb request refused") == web_auth.REFUSED_ROWS_PER_INTERVAL
