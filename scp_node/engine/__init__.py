@@ -21,6 +21,7 @@ _LAZY = {
     "PreparedSeries": ".preprocess",
     "PadTransform": ".preprocess",
     "SeriesSkipped": ".preprocess",
+    "SeriesNotAnalysed": ".preprocess",
     "prepare_series": ".preprocess",
     "DEFAULT_PROMPT_PROFILES": ".prompts",
     "PromptProfile": ".prompts",
@@ -42,7 +43,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .medgemma import EngineError, GenerationOutput, MedGemmaEngine
-    from .preprocess import PadTransform, PreparedSeries, SeriesSkipped, prepare_series
+    from .preprocess import PadTransform, PreparedSeries, SeriesNotAnalysed, SeriesSkipped, prepare_series
     from .prompts import DEFAULT_PROMPT_PROFILES, PromptProfile, build_messages, profile_for_modality
     from .testmodel import TEST_MODEL_MARKER, make_test_model
 

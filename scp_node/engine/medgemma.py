@@ -33,6 +33,7 @@ from .preprocess import (
     DEFAULT_CT_MAX_SLICES,
     DEFAULT_IMAGE_SIZE,
     PreparedSeries,
+    SeriesNotAnalysed,
     SeriesSkipped,
     prepare_series,
 )
@@ -291,7 +292,7 @@ class MedGemmaEngine:
         try:
             return profile_for_modality(modality, self.prompt_profiles, body_part, n_images)
         except KeyError as exc:
-            raise SeriesSkipped(f"no prompt profile is configured for modality {modality}") from exc
+            raise SeriesNotAnalysed(f"no prompt profile is configured for modality {modality}") from exc
 
     def _token_id(self, token: str) -> int | None:
         tokenizer = self._processor.tokenizer
@@ -359,7 +360,7 @@ class MedGemmaEngine:
         lengths = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
         limit = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 0)
         if limit and max(lengths) >= limit:
-            raise SeriesSkipped(
+            raise SeriesNotAnalysed(
                 f"model input of {max(lengths)} tokens exceeds the model's context of {limit} tokens; "
                 "lower ct_max_slices"
             )

@@ -110,3 +110,5 @@ class AnalysisResult:
     #: Per model call: tokens and seconds (report mode: the report turn, then the extraction turn).
     turns: list[TurnStats] = field(default_factory=list)
     prepare_seconds: float = 0.0  #: preprocessing (decode, window, resize) of the series
+    #: Not empty: the series was NOT analysed, for this reason; the SR only says so (no findings).
+    not_analysed: str = ""

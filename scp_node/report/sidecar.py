@@ -144,6 +144,7 @@ def findings_json(sr: Comprehensive3DSR, result: AnalysisResult) -> dict[str, An
         "generated_tokens": result.generated_tokens,
         "seconds": result.seconds,
         "answer_mode": getattr(result, "answer_mode", ""),
+        "not_analysed": getattr(result, "not_analysed", "") or None,
         "turns": [{"name": t.name, "input_tokens": t.input_tokens, "new_tokens": t.new_tokens,
                    "seconds": round(t.seconds, 3)} for t in getattr(result, "turns", [])],
         "sr": {

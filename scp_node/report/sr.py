@@ -17,6 +17,7 @@ Document-level decisions (why):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 from collections import OrderedDict
@@ -39,6 +40,7 @@ from scp_node.report.text import (
     UTF8_CHARACTER_SET,
     clean_text,
     is_ascii,
+    not_analysed_text,
     series_description,
 )
 from scp_node.report.uids import implementation_class_uid, model_device_uid, new_uid
@@ -206,6 +208,10 @@ def build_measurement_report(
     model = result.model
     device_uid = model_device_uid(model)
 
+    if result.not_analysed:
+        # A series the engine could not analyse: the SR only says so and why (no structured findings).
+        result = dataclasses.replace(result, structured=None, parse_error="",
+                                     findings_text=not_analysed_text(report_language(result), result.not_analysed))
     findings = clean_text(result.findings_text)
     findings_value = findings if findings.strip() else EMPTY_FINDINGS_PLACEHOLDER
 
@@ -268,7 +274,7 @@ def build_measurement_report(
         institution_name=node.institution_name,
         institutional_department_name=node.institutional_department_name,
         contributing_equipment=[equipment],
-        series_description=series_description(model.is_test_model),
+        series_description=series_description(model.is_test_model, bool(result.not_analysed)),
         manufacturer_model_name=node.manufacturer_model_name,
         software_versions=node.software_version,
         device_serial_number=node.device_serial_number,

@@ -33,6 +33,12 @@ PARSE_FAILED_NOTE_ZH = "模型回答的结构化解析失败；以下按原样�
 #: TEXT Value (0040,A160) is Type 1, so an empty model answer needs a visible placeholder.
 EMPTY_FINDINGS_PLACEHOLDER = "(The model returned no findings text.)"
 
+#: The whole content of a "not analysed" SR (``[report] notify_not_analysed``), with the reason.
+NOT_ANALYSED_TEXT = ("This series was not analysed by the AI model: {reason}. The model did not read these "
+                     "images; no AI findings are reported for them.")
+NOT_ANALYSED_TEXT_ZH = "该序列未经人工智能模型分析：{reason}。模型未读取这些图像，不报告任何人工智能所见。"
+SERIES_DESCRIPTION_NOT_ANALYSED = "AI: series NOT analysed (MedGemma) - see reason, UNVERIFIED"
+
 #: Series Description (LO, at most 64 characters). ASCII hyphen, not an en dash, so that an
 #: all-ASCII report does not need a Specific Character Set just for its description.
 SERIES_DESCRIPTION = "AI findings (MedGemma) - not for diagnostic use, UNVERIFIED"
@@ -67,9 +73,17 @@ def parse_failed_note(language: str, parse_error: str) -> str:
     return f"{note} ({reason})" if reason else note
 
 
-def series_description(is_test_model: bool) -> str:
+def series_description(is_test_model: bool, not_analysed: bool = False) -> str:
     """Series Description of the SR series; the test-model label comes first so it is seen."""
+    if not_analysed:
+        return SERIES_DESCRIPTION_NOT_ANALYSED
     return SERIES_DESCRIPTION_TEST_MODEL if is_test_model else SERIES_DESCRIPTION
+
+
+def not_analysed_text(language: str, reason: str) -> str:
+    """The text of a "not analysed" SR: that the model did not read the series, and why."""
+    reason = " ".join(clean_text(reason or "unknown reason").split()).rstrip(".")
+    return (NOT_ANALYSED_TEXT_ZH if language == "zh" else NOT_ANALYSED_TEXT).format(reason=reason)
 
 
 def clean_text(value: str) -> str:

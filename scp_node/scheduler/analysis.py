@@ -22,13 +22,16 @@ from sqlalchemy import select, update
 
 from ..audit import AuditTrail, Event
 from ..config import Destination
-from ..engine.result import AnalysisResult
+from ..engine.result import AnalysisResult, ModelIdentity, SourceImageRef
 from ..store.db import Database
 from ..store.files import instance_path
 from ..store.models import (AnalysisJob, ExportJob, ExportState, Instance, JobState, Report, Series,
                             utcnow)
 
 log = logging.getLogger(__name__)
+
+#: Error text of a job whose series the engine could not analyse (``scp-node status`` lists them).
+NOT_ANALYSED_PREFIX = "not analysed: "
 
 
 class SeriesAnalyser(Protocol):
@@ -87,7 +90,12 @@ class AnalysisQueue:
     def __init__(self, db: Database, audit: AuditTrail, storage_dir: Path, engine: SeriesAnalyser,
                  build_report: ReportBuilder, write_report: ReportWriter,
                  destinations: tuple[Destination, ...], max_attempts: int = 3,
-                 skip_exceptions: tuple[type[BaseException], ...] = ()) -> None:
+                 skip_exceptions: tuple[type[BaseException], ...] = (),
+                 notify_not_analysed: bool = False) -> None:
+        """``skip_exceptions``: what the engine raises for a series it does not analyse. One whose
+        ``notify`` attribute is true (scp_node.engine.SeriesNotAnalysed: images it cannot read) is
+        recorded as "not analysed: <reason>" (audit, ``scp-node status``) and, with
+        ``notify_not_analysed`` ([report] notify_not_analysed), gets a short SR that says so."""
         self.db = db
         self.audit = audit
         self.storage_dir = storage_dir
@@ -97,6 +105,7 @@ class AnalysisQueue:
         self.destinations = destinations
         self.max_attempts = max_attempts
         self.skip_exceptions = skip_exceptions
+        self.notify_not_analysed = notify_not_analysed
 
     def run_once(self) -> bool:
         """Claim and run pending jobs; return False when there was nothing to do.
@@ -149,7 +158,10 @@ class AnalysisQueue:
             rel = instance_path(sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID)
             self.write_report(sr, self.storage_dir / rel, result)
         except self.skip_exceptions as exc:
-            self._finish(claim, JobState.SKIPPED, str(exc), Event.ANALYSIS_SKIPPED, ids, outcome="warning")
+            if getattr(exc, "notify", False):
+                self._not_analysed(claim, exc, ids)
+            else:
+                self._finish(claim, JobState.SKIPPED, str(exc), Event.ANALYSIS_SKIPPED, ids, outcome="warning")
             return
         except Exception as exc:  # noqa: BLE001 - a failed job is recorded, never lost
             log.error("analysis job %d failed: %s: %s", claim.job_id, type(exc).__name__, exc,
@@ -161,6 +173,31 @@ class AnalysisQueue:
         except Exception as exc:  # noqa: BLE001 - else the job would stay RUNNING until a restart
             log.exception("analysis job %d: recording the report failed", claim.job_id)
             self._failed(claim, exc, ids)
+
+    def _not_analysed(self, claim: _Claim, exc: BaseException, ids: dict[str, str]) -> None:
+        """A series of images the engine cannot analyse: SKIPPED with "not analysed: <reason>" and,
+        when configured, a short SR (same patient and study, new series) saying so and why."""
+        reason = str(getattr(exc, "reason", "") or exc)
+        error = f"{NOT_ANALYSED_PREFIX}{reason}"
+        identity = getattr(self.engine, "identity", None)
+        if not self.notify_not_analysed or not isinstance(identity, ModelIdentity):
+            self._finish(claim, JobState.SKIPPED, error, Event.ANALYSIS_SKIPPED, ids, outcome="warning")
+            return
+        try:
+            evidence = [pydicom.dcmread(p, stop_before_pixels=True) for p in claim.paths]
+            result = AnalysisResult(
+                modality=str(evidence[0].get("Modality", "") or ""), findings_text="", model=identity,
+                sources=[SourceImageRef(str(d.SOPClassUID), str(d.SOPInstanceUID)) for d in evidence],
+                prompt_profile="not-analysed", not_analysed=reason,
+                language=str(getattr(self.engine, "language", "en") or "en"))
+            sr = self.build_report(evidence, result)
+            rel = instance_path(sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID)
+            self.write_report(sr, self.storage_dir / rel, result)
+            self._done(claim, result, sr, rel, 0.0, ids, not_analysed=error)
+        except Exception as notice_error:  # noqa: BLE001 - the reason is recorded either way
+            log.exception("analysis job %d: the 'not analysed' SR could not be made", claim.job_id)
+            self._finish(claim, JobState.SKIPPED, f"{error} (no notice SR: {type(notice_error).__name__}: "
+                         f"{notice_error})", Event.ANALYSIS_SKIPPED, ids, outcome="warning")
 
     def _failed(self, claim: _Claim, exc: BaseException, ids: dict[str, str]) -> None:
         final = claim.attempts >= self.max_attempts
@@ -211,7 +248,9 @@ class AnalysisQueue:
             self.audit.add(session, event, outcome=outcome, detail=f"job {job.id}: {error[:500]}{extra}", **ids)
 
     def _done(self, claim: _Claim, result: AnalysisResult, sr: Dataset, rel: Path, seconds: float,
-              ids: dict[str, str]) -> None:
+              ids: dict[str, str], not_analysed: str = "") -> None:
+        """Record the SR and queue its exports; ``not_analysed`` (the job's error text) marks a
+        notice SR: the job is SKIPPED with that reason, not DONE."""
         with self.db.session() as session:
             job = session.get(AnalysisJob, claim.job_id)
             assert job is not None
@@ -219,7 +258,7 @@ class AnalysisQueue:
                             series_instance_uid=str(sr.SeriesInstanceUID),
                             study_instance_uid=str(sr.StudyInstanceUID), path=rel.as_posix(),
                             model_name=result.model.name[:128], is_test_model=result.model.is_test_model,
-                            findings_text=result.findings_text,
+                            findings_text=result.findings_text or not_analysed,
                             structured_json=json.dumps(dataclasses.asdict(result.structured), ensure_ascii=False)
                             if result.structured is not None else "",
                             triage=result.structured.triage if result.structured is not None else "")
@@ -227,14 +266,18 @@ class AnalysisQueue:
             routed = [d for d in self.destinations if d.wants(result.modality)]
             for dest in routed:
                 session.add(ExportJob(report=report, destination=dest.name, state=ExportState.PENDING))
-            job.state = JobState.DONE
-            job.error = ""
+            job.state = JobState.SKIPPED if not_analysed else JobState.DONE
+            job.error = not_analysed[:4000]
             job.finished_at = utcnow()
-            self.audit.add(session, Event.ANALYSIS_FINISHED,
-                           detail=f"job {job.id}: {result.modality}, {len(result.sources)} images, "
-                                  f"{result.generated_tokens} tokens{_turns(result)}, {seconds:.1f} s, "
-                                  f"model {result.model.name}"
-                                  + (" (TEST MODEL)" if result.model.is_test_model else ""), **ids)
+            if not_analysed:
+                self.audit.add(session, Event.ANALYSIS_SKIPPED, outcome="warning",
+                               detail=f"job {job.id}: {not_analysed[:500]}; a notice SR says so", **ids)
+            else:
+                self.audit.add(session, Event.ANALYSIS_FINISHED,
+                               detail=f"job {job.id}: {result.modality}, {len(result.sources)} images, "
+                                      f"{result.generated_tokens} tokens{_turns(result)}, {seconds:.1f} s, "
+                                      f"model {result.model.name}"
+                                      + (" (TEST MODEL)" if result.model.is_test_model else ""), **ids)
             self.audit.add(session, Event.SR_CREATED, sop_uid=str(sr.SOPInstanceUID),
                            detail=f"SR series {sr.SeriesInstanceUID}; exports queued: "
                                   + (", ".join(d.name for d in routed) or "none (no destination routes this modality)"),

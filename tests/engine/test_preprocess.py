@@ -197,18 +197,23 @@ def test_synthetic_ct_without_positions_falls_back_to_instance_number(tmp_path: 
     assert any("instance number" in n for n in prepared.notes)
 
 
-def test_ct_with_too_few_slices_is_skipped(tmp_path: Path) -> None:
-    with pytest.raises(SeriesSkipped, match="at least 5 slices"):
-        prepare_series(_write_ct_series(tmp_path / "ct", 3))
+def test_ct_with_too_few_slices_is_read_as_2d_images(tmp_path: Path) -> None:
+    prepared = prepare_series(_write_ct_series(tmp_path / "ct", 3), image_size=None)
+    assert prepared.as_images and len(prepared.images) == 3 and prepared.labels == ["SLICE 1", "SLICE 2", "SLICE 3"]
+    assert any("read as 2D images" in n for n in prepared.notes)
+    one = prepare_series(_write_ct_series(tmp_path / "one", 1), image_size=None)
+    assert one.as_images and len(one.images) == 1
+    assert not prepare_series(_write_ct_series(tmp_path / "vol", 5), image_size=None).as_images
 
 
-def test_localiser_only_series_is_skipped_and_localisers_are_dropped(tmp_path: Path) -> None:
+def test_localiser_only_series_is_read_as_images_and_localisers_are_dropped_otherwise(tmp_path: Path) -> None:
     scouts = _write_ct_series(tmp_path / "scout", 2, image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
-    with pytest.raises(SeriesSkipped, match="localiser"):
-        prepare_series(scouts)
+    scout = prepare_series(scouts, image_size=None)
+    assert scout.as_images and len(scout.images) == 2
+    assert "series holds only localiser (LOCALIZER) images" in scout.notes
     axial = _write_ct_series(tmp_path / "axial", 6)
     prepared = prepare_series(scouts + axial, image_size=None)
-    assert len(prepared.images) == 6
+    assert len(prepared.images) == 6 and not prepared.as_images
     assert "2 localiser image(s) ignored" in prepared.notes
 
 
@@ -327,15 +332,44 @@ def test_dose_report_series_is_skipped() -> None:
 
 
 @pytest.mark.parametrize(
-    "relative,reason",
+    "relative,reason,notify",
     [
-        ("multiframe/pydicom/examples_ybr_color.dcm", "ultrasound"),
-        ("sr_examples/dcmqi/seg.dcm", "SEG is not supported"),
+        ("multiframe/pydicom/examples_ybr_color.dcm", "ultrasound", True),  # images we cannot read: say so
+        ("sr_examples/dcmqi/seg.dcm", "SEG is not supported", False),  # not an image to read: silent
     ],
 )
-def test_unsupported_objects_are_skipped(relative: str, reason: str) -> None:
-    with pytest.raises(SeriesSkipped, match=reason):
+def test_unsupported_objects_are_skipped(relative: str, reason: str, notify: bool) -> None:
+    with pytest.raises(SeriesSkipped, match=reason) as caught:
         prepare_series([need(DATA / relative)])
+    assert caught.value.notify is notify
+
+
+def test_colour_and_undecodable_images_are_not_analysed_with_a_reason(tmp_path: Path) -> None:
+    from scp_node.engine.preprocess import SeriesNotAnalysed
+
+    [path] = _write_ct_series(tmp_path / "rgb", 1)
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(8 * 6 * 3)
+    ds.save_as(path)
+    with pytest.raises(SeriesNotAnalysed, match="colour images"):
+        prepare_series([path])
+    [broken] = _write_ct_series(tmp_path / "broken", 1)
+    ds = pydicom.dcmread(broken)
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"not a JPEG 2000 code stream"])  # undecodable
+    ds["PixelData"].VR = "OB"
+    ds.save_as(broken)
+    with pytest.raises(SeriesNotAnalysed, match="CT series: pixel data cannot be decoded"):
+        prepare_series([broken])
+    sr = need(DATA / "sr_examples" / "dcmqi" / "sr.dcm")
+    with pytest.raises(SeriesSkipped) as silent:
+        prepare_series([sr])
+    assert not silent.value.notify
 
 
 def test_non_dicom_and_empty_input_are_skipped(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ The work is split by job; import from this package, not from its private modules
 * ``_decode``: reading the series' headers and decoding pixel data (pydicom, GDCM fallback);
 * ``_xray``: the CR/DX recipe (Modality/VOI LUT, MONOCHROME1);
 * ``_volume``: the CT/MR recipes (HU windows, min-max), slice ordering and sampling;
-* ``_series``: PreparedSeries, SeriesSkipped, the skip rules and :func:`prepare_series`.
+* ``_series``: PreparedSeries, SeriesSkipped / SeriesNotAnalysed, the skip rules and :func:`prepare_series`.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ from ._series import (
     VOLUME_MODALITIES,
     XRAY_MODALITIES,
     PreparedSeries,
+    NON_IMAGE_MODALITIES,
+    SeriesNotAnalysed,
     SeriesSkipped,
     prepare_series,
     readable_body_part,

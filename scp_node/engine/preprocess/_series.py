@@ -36,6 +36,9 @@ DEFAULT_XRAY_MAX_IMAGES = 4
 #: Side of the square image the Gemma 3 image processor feeds to SigLIP.
 DEFAULT_IMAGE_SIZE = 896
 
+#: Objects that are not images to read: a series of these is skipped silently.
+NON_IMAGE_MODALITIES = frozenset({"SR", "PR", "KO", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD",
+                                  "DOC", "AU", "ECG", "HD", "FID", "PLAN", "RWV"})
 XRAY_MODALITIES = frozenset({"CR", "DX"})
 VOLUME_MODALITIES = frozenset({"CT", "MR"})
 SUPPORTED_MODALITIES = XRAY_MODALITIES | VOLUME_MODALITIES
@@ -54,11 +57,24 @@ _READABLE_BODY_PARTS = {
 
 
 class SeriesSkipped(Exception):
-    """The series cannot be analysed; ``reason`` is a short, PHI-free explanation for the audit log."""
+    """Nothing to analyse (no pixel data, a Structured Report, a presentation state, a key object,
+    a segmentation, raw detector data); ``reason`` is a short, PHI-free explanation for the audit log.
+    The node skips such a series silently (an audit row, no SR)."""
+
+    #: Whether the radiologist should be told (a "not analysed" SR when [report] notify_not_analysed).
+    notify = False
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class SeriesNotAnalysed(SeriesSkipped):
+    """A series of images the engine cannot analyse (unsupported photometric interpretation or
+    modality, undecodable pixels, too long for the model): its reason goes into the audit, into
+    ``scp-node status`` and, when configured, into a short SR, so nobody is left guessing."""
+
+    notify = True
 
 
 
@@ -73,6 +89,8 @@ class PreparedSeries:
     sources: list[SourceImageRef]  #: one per image, in model input order
     transforms: list[PadTransform]  #: one per image
     notes: list[str] = field(default_factory=list)  #: PHI-free remarks (sampling, dropped images)
+    #: CT/MR read as 2D images (a slice, a scout, fewer slices than a volume needs), not as a volume
+    as_images: bool = False
 
     @property
     def is_volume(self) -> bool:
@@ -121,7 +139,7 @@ def _prepare_xray(instances: list[_Instance], image_size: int | None, max_images
             sources.append(instance.source(frame_index))
             transforms.append(transform)
     if not images:
-        raise SeriesSkipped(failures[0] if failures else "no CR/DX image could be prepared")
+        raise SeriesNotAnalysed(failures[0] if failures else "no CR/DX image could be prepared")
     if failures:
         notes.append(f"{len(failures)} image(s) could not be decoded and were left out")
     return PreparedSeries(
@@ -139,13 +157,13 @@ def _prepare_volume(
     instances: list[_Instance], modality: str, image_size: int | None, max_slices: int, min_slices: int
 ) -> PreparedSeries:
     frames = _volume_frames(instances)
-    if len(frames) < min_slices:
-        raise SeriesSkipped(
-            f"{modality} series has {len(frames)} image(s); at least {min_slices} slices are needed for a volume"
-        )
     ordered, how = order_frames(frames)
     chosen = [ordered[i] for i in sample_indices(len(ordered), max_slices)]
     notes = []
+    as_images = len(frames) < min_slices
+    if as_images:
+        # MedGemma reads single CT and MR slices too: fewer slices than a volume are 2D images.
+        notes.append(f"{len(frames)} image(s), fewer than the {min_slices} of a volume: read as 2D images")
     if how != "position":
         notes.append(f"slices ordered by {how} (no complete Image Position/Orientation)")
     if len(chosen) < len(ordered):
@@ -172,7 +190,7 @@ def _prepare_volume(
             decoded.pop(key, None)  # single-frame: free as we go
     if len(used) < min(min_slices, len(chosen)) or not used:
         reason = failures[0] if failures else "no slice could be decoded"
-        raise SeriesSkipped(f"{modality} series: {reason}")
+        raise SeriesNotAnalysed(f"{modality} series: {reason}")
     if failures:
         notes.append(f"{len(chosen) - len(used)} slice(s) could not be decoded and were left out")
 
@@ -194,6 +212,7 @@ def _prepare_volume(
         sources=[f.instance.source(f.frame_index) for f in used],
         transforms=transforms,
         notes=notes,
+        as_images=as_images,
     )
 
 
@@ -243,13 +262,16 @@ def prepare_series(
     if not with_pixels:
         raise SeriesSkipped(_skip_reason_without_images(instances))
     if all("PixelData" not in i.ds for i in with_pixels):
-        raise SeriesSkipped("float pixel data (parametric maps) is not supported")
+        raise SeriesNotAnalysed("float pixel data (parametric maps) is not supported")
     with_pixels = [i for i in with_pixels if "PixelData" in i.ds]
 
     modality = Counter(i.modality for i in with_pixels).most_common(1)[0][0]
     if modality not in SUPPORTED_MODALITIES:
         what = "ultrasound (US)" if modality == "US" else f"modality {modality or '(none)'}"
-        raise SeriesSkipped(f"{what} is not supported; supported modalities are CR, DX, CT and MR")
+        reason = f"{what} is not supported; supported modalities are CR, DX, CT and MR"
+        if modality in NON_IMAGE_MODALITIES:
+            raise SeriesSkipped(reason)
+        raise SeriesNotAnalysed(reason)
     candidates = [i for i in with_pixels if i.modality == modality]
     notes: list[str] = []
     if unreadable:
@@ -265,14 +287,15 @@ def prepare_series(
     ]
     if not monochrome:
         photometric = str(candidates[0].ds.get("PhotometricInterpretation", "?")).strip()
-        raise SeriesSkipped(f"colour images ({photometric}) are not supported for {modality}")
+        raise SeriesNotAnalysed(f"colour images ({photometric}) are not supported for {modality}")
     if len(monochrome) < len(candidates):
         notes.append(f"{len(candidates) - len(monochrome)} colour image(s) ignored")
 
     usable = [i for i in monochrome if "LOCALIZER" not in _image_type(i.ds)]
     if not usable:
-        raise SeriesSkipped("series holds only localiser (LOCALIZER) images")
-    if len(usable) < len(monochrome):
+        usable = monochrome  # a scout series: its localisers are the images (read as 2D images)
+        notes.append("series holds only localiser (LOCALIZER) images")
+    elif len(usable) < len(monochrome):
         notes.append(f"{len(monochrome) - len(usable)} localiser image(s) ignored")
 
     if modality in XRAY_MODALITIES:
