@@ -108,7 +108,7 @@ class Node:
         engine = MedGemmaEngine(e.model_dir, device=e.device, max_new_tokens=e.max_new_tokens,
                                 ct_max_slices=e.ct_max_slices, prompt_profiles=e.prompts or None,
                                 structured=e.structured, language=e.language, max_batch=e.max_batch,
-                                compile=e.compile, schema_bounds=engine_bounds(e))
+                                compile=e.compile, schema_bounds=engine_bounds(e), answer_mode=e.answer_mode, thinking=e.thinking)
         engine.load()
         if e.compile:
             from .engine.warmup import warm_up
@@ -161,7 +161,7 @@ class Node:
                                       c.scheduler.series_max_wait_seconds)
         analysis_q = AnalysisQueue(self.db, self.audit, c.store.storage_dir, self._engine, self._build_report,
                                    self._write_report, c.destinations, c.scheduler.max_analysis_attempts,
-                                   skip_exceptions=(SeriesSkipped,))
+                                   skip_exceptions=(SeriesSkipped,), notify_not_analysed=c.report.notify_not_analysed)
         timeout = c.node.network_timeout
 
         def send(dest: Any, path: Path) -> object:
