@@ -64,7 +64,7 @@ def test_broken_framing_is_a_multipart_error(data: bytes, message: str) -> None:
         _read(data)
 
 
-@pytest.mark.parametrize("boundary", [None, "", "x" * 71, "bad\x01"])
+@pytest.mark.parametrize("boundary", [None, "", "x" * 201, "bad\x01", "caf\xe9"])
 def test_bad_boundary_parameter(boundary: str | None) -> None:
     with pytest.raises(MultipartError, match="boundary"):
         _read(_body([b"x"]), boundary=boundary)  # type: ignore[arg-type]
@@ -75,3 +75,23 @@ def test_the_limit_counts_received_bytes() -> None:
     assert _read(data, limit=len(data)) == [b"x" * 1000]
     with pytest.raises(BodyTooLarge):
         _read(data, limit=len(data) - 1)
+
+
+@pytest.mark.parametrize("boundary", ["x" * 71, "4e14bc8a-dbc0-4608-9bd8-f4e00b978be4-4e14bc8a-dbc0-4608-9bd8-f4e00b978be4",
+                                      "y" * 200, "with space and ;,'()+_=:?"])
+def test_long_and_odd_printable_boundaries_are_accepted(boundary: str) -> None:
+    """Over RFC 2046's 70 characters (Orthanc joins two UUIDs: 73), up to 200 printable."""
+    assert _read(_body([b"DICM", b"x"], boundary=boundary.encode()), size=5, boundary=boundary) == [b"DICM", b"x"]
+
+
+def _with_length(payload: bytes, declared: str) -> bytes:
+    return (b"--b0und\r\nContent-Type: application/dicom\r\nContent-Length: " + declared.encode("latin-1")
+            + b"\r\n\r\n" + payload + b"\r\n--b0und--\r\n")
+
+
+def test_a_part_content_length_is_optional_but_must_be_right() -> None:
+    assert _read(_with_length(b"0123456789", "10")) == [b"0123456789"]
+    assert _read(_with_length(b"", "0")) == [b""]
+    for wrong in ("9", "11", "-1", "ten", "\xb2", "1" * 30, ""):
+        with pytest.raises(MultipartError, match="Content-Length"):
+            _read(_with_length(b"0123456789", wrong))
