@@ -1,8 +1,10 @@
 """scp_node: a DICOM node that analyses series with MedGemma and returns DICOM SRs to the PACS.
 
-The package folders follow the data path: ``handlers`` (DIMSE events) -> ``store`` (files + index)
--> ``scheduler`` (completion, job queues) -> ``engine`` (MedGemma) -> ``report`` (DICOM SR)
--> ``export`` (C-STORE SCU), with ``audit`` watching every step and ``cli`` as the entry point.
+The package folders follow the data path: ``dimse`` (the network layer: port, associations,
+received data sets) -> ``handlers`` (DIMSE events) -> ``store`` (files + index) -> ``scheduler``
+(completion, job queues) -> ``engine`` (MedGemma) -> ``report`` (DICOM SR) -> ``export`` (C-STORE
+SCU, STOW-RS), with ``audit`` watching every step, ``web`` (DICOMweb) beside ``dimse``, and ``cli``
+as the entry point.
 """
 
 __version__ = "0.1.0"

@@ -39,8 +39,11 @@ class NodeConfig:
     max_pdu_size: int = 1_048_576
     max_associations: int = 16
     #: Processes that receive DIMSE on the node's port (the node's own plus children that only
-    #: receive); 0 means one per CPU core, at most 4. See scp_node.receivers.
+    #: receive); 0 means one per CPU core, at most 4. See scp_node.dimse.receivers.
     receiver_processes: int = 0
+    #: The receive path's fast path (scp_node.dimse.pynetdicom_internals); false: pynetdicom's own
+    #: reactor, negotiation and DIMSE path, as the library ships them (slower, same results).
+    fast_path: bool = True
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -246,6 +249,9 @@ class WebConfig:
     #: PEM certificate and key; both set means HTTPS. Relative paths: from the config file's folder.
     tls_cert: str = ""
     tls_key: str = ""
+    #: Browser origins (``scheme://host[:port]``) allowed to call the service cross-origin (CORS),
+    #: e.g. the site's OHIF Viewer; none by default (no CORS headers at all).
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

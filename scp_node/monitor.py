@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from .config import Config
+from .runtime import PID_FILE
 from .store.db import Database
 from .store.models import (AnalysisJob, AuditEvent, ExportJob, ExportState, Instance, JobState, Series,
                            SeriesState)
@@ -61,8 +62,6 @@ def _port_open(host: str, port: int) -> bool:
 
 def collect(config: Config, db: Database, errors: int = 5) -> NodeStatus:
     """Read the pid file and the index; never changes anything."""
-    from .node import PID_FILE
-
     pid = None
     beat: dict[str, Any] = {}
     try:

@@ -1,4 +1,4 @@
-"""The running node: the DIMSE listener (scp_node.listener), the index, the job loops.
+"""The running node: the DIMSE listener (scp_node.dimse), the index, the job loops.
 
 :class:`Node` wires the data path together — handlers -> store -> scheduler -> engine -> report
 -> export — and owns their life cycle: ``start`` (recover interrupted work, load the model,
@@ -23,7 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.dataset import Dataset
 
 from . import __version__
-from .audit import AuditTrail, Event, load_or_create_secret
+from .audit import Event
 from .config import Config
 from .engine.result import AnalysisResult
 from .export import send_c_store
@@ -31,12 +31,10 @@ from .scheduler import analysis, exports
 from .scheduler.analysis import AnalysisQueue
 from .scheduler.completion import SeriesCompletion
 from .scheduler.exports import ExportQueue
-from .store.db import Database
+from .runtime import LOCK_FILE, PID_FILE, open_database
 from .store.ingest import Ingestor
 
 log = logging.getLogger(__name__)
-
-PID_FILE = "scp-node.pid"
 
 
 def _gpu_memory() -> dict[str, Any]:
@@ -52,13 +50,6 @@ def _gpu_memory() -> dict[str, Any]:
 
 class StartupError(RuntimeError):
     """The node cannot start; the message tells the admin what to fix."""
-
-
-def open_database(config: Config) -> tuple[Database, AuditTrail]:
-    """The index and the audit trail, as every command opens them."""
-    db = Database(config.store.database_url)
-    secret = load_or_create_secret(config.audit.secret_file)
-    return db, AuditTrail(db, secret)
 
 
 def prepare_model_dir(config: Config) -> None:
@@ -223,9 +214,9 @@ class Node:
 
     def _listen(self) -> None:
         """Open the port and start receiving: here, and in the child receiver processes."""
-        from .listener import DimseListener, ListenError, open_listening_socket
-        from .receivers import ReceiverProcesses, receiver_count
-        from .tls import TLSConfigError, server_context
+        from .dimse.listener import DimseListener, ListenError, open_listening_socket
+        from .dimse.receivers import ReceiverProcesses, receiver_count
+        from .dimse.tls import TLSConfigError, server_context
 
         c = self.config
         try:
@@ -256,7 +247,7 @@ class Node:
         var = self.config.var_dir
         try:
             var.mkdir(parents=True, exist_ok=True)
-            fh = open(var / "scp-node.lock", "a+")
+            fh = open(var / LOCK_FILE, "a+")
         except OSError as exc:
             raise StartupError(f"cannot use the run-time folder {var}: {exc.strerror or exc}") from None
         try:
@@ -264,7 +255,7 @@ class Node:
         except OSError:
             fh.close()
             raise StartupError(f"another scp-node is already running with the storage in {var} "
-                               "(lock file scp-node.lock is held); stop it first") from None
+                               f"(lock file {LOCK_FILE} is held); stop it first") from None
         self._lock_file = fh
 
     def stop(self) -> None:

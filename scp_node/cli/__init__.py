@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .. import __version__, logs
+from .. import __version__
 from ..config import Config, ConfigError, load
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -21,12 +21,6 @@ def load_config(path: Path) -> Config:
     except ConfigError as exc:
         click.echo(f"scp-node: {exc}", err=True)
         sys.exit(2)
-
-
-def setup_logging(verbose: bool) -> None:
-    """The node's log on stderr (see :mod:`scp_node.logs`: control characters escaped, patient
-    data from libraries withheld, repeated library warnings limited)."""
-    logs.configure(verbose)
 
 
 @click.group()

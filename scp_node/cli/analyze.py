@@ -20,7 +20,8 @@ from typing import Any, Iterable, Iterator
 
 import click
 
-from . import load_config, main, setup_logging
+from ..logs import configure as setup_logging
+from . import load_config, main
 
 CSV_COLUMNS = ("file_or_series", "path", "modality", "triage", "impression", "status", "reason", "sr_file")
 

@@ -19,7 +19,7 @@ def exports() -> None:
 @click.option("--destination", default=None, help="Only this destination (name from the config).")
 def retry(config_path: Path, destination: str | None) -> None:
     """Give every dead export a fresh set of attempts."""
-    from ..node import open_database
+    from ..runtime import open_database
     from ..scheduler.exports import retry_dead
 
     db, audit = open_database(load_config(config_path))

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from . import config_option, load_config, main, setup_logging
+from ..logs import configure as setup_logging
+from . import config_option, load_config, main
 
 
 @main.command()

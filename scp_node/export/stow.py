@@ -16,7 +16,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from ..config import Destination
-from .dimse import ExportError
+from .c_store import ExportError
 
 log = logging.getLogger(__name__)
 

@@ -139,7 +139,7 @@ def handle_requested(event: evt.Event, acl: AccessList, our_ae_title: str, audit
 
     ``max_associations`` is ``[node] max_associations``; pynetdicom's own count (which also counts
     closed connections still waiting out their ACSE timeout) is set higher, as a safety net.
-    ``counts``: the other receiver processes' associations (see :mod:`scp_node.listener`).
+    ``counts``: the other receiver processes' associations (see :mod:`scp_node.dimse.listener`).
     """
     rq = event.assoc.requestor
     # At EVT_REQUESTED the titles are only in the A-ASSOCIATE-RQ primitive (not yet copied to rq).
@@ -248,7 +248,7 @@ class _PDULengthGuard:
         try:
             data = self._recv(nr_bytes)
         except ssl.SSLError as exc:
-            # The first read of a TLS connection runs the handshake (see scp_node.tls): a plain
+            # The first read of a TLS connection runs the handshake (see scp_node.dimse.tls): a plain
             # connection, an unknown or self-signed client certificate, anonymous TLS end here.
             if self._on_tls_failure is not None:
                 self._on_tls_failure(exc)

@@ -6,7 +6,7 @@ inside the transaction) and the ingest module that calls it do not import each o
 
 from __future__ import annotations
 
-from ..status import StoreStatus
+from ..dimse.status_codes import StoreStatus
 
 
 class InvalidInstance(ValueError):

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..audit import Event
-from ..status import StoreStatus
+from ..dimse.status_codes import StoreStatus
 from ..store.files import UnsafeUID, check_uid
 from ..store.ingest import InvalidInstance, Origin, StorageFailure, parse_header
 from .context import WebContext

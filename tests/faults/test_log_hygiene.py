@@ -119,7 +119,7 @@ def test_repeated_library_warnings_are_held_back() -> None:
     assert len(passed) == limit.per_thread + 1 and "held back" in passed[-1].getMessage()
     assert limit.filter(record("pynetdicom.presentation", 271))  # another call site has its own count
     assert limit.filter(record("pynetdicom.presentation", 266, level=logging.ERROR))  # errors always pass
-    assert all(limit.filter(record("scp_node.listener", 1)) for _ in range(100))  # ours are never held back
+    assert all(limit.filter(record("scp_node.dimse.listener", 1)) for _ in range(100))  # ours are never held back
     now[0] = 61.0
     resumed = record("pynetdicom.presentation", 266)
     assert limit.filter(resumed) and "1994 similar messages were held back" in resumed.getMessage()

@@ -1,4 +1,4 @@
-"""Receiver processes (scp_node.receivers): several processes accept on the node's one port, every
+"""Receiver processes (scp_node.dimse.receivers): several processes accept on the node's one port, every
 instance is indexed once, and no receiver outlives the node — not after SIGTERM, not after kill -9."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 from sqlalchemy import select
 
-from scp_node.status import StoreStatus
+from scp_node.dimse.status_codes import StoreStatus
 from scp_node.store import ingest as ingest_module
 from scp_node.store.db import Database
 from scp_node.store.ingest import KNOWN_TRANSFER_SYNTAXES, IngestOutcome, Ingestor, InvalidInstance

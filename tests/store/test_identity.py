@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql
 
 from scp_node.audit import AuditTrail, Event
-from scp_node.status import StoreStatus
+from scp_node.dimse.status_codes import StoreStatus
 from scp_node.store import index
 from scp_node.store.db import Database
 from scp_node.store.driver import CoreTransaction

@@ -19,7 +19,7 @@ from scp_node.scheduler.completion import SeriesCompletion
 from scp_node.store import index
 from scp_node.store.db import Database
 from scp_node.store.driver import CoreTransaction
-from scp_node.status import StoreStatus
+from scp_node.dimse.status_codes import StoreStatus
 from scp_node.store.ingest import (IdentityConflict, IngestOutcome, Ingestor, InvalidInstance, Origin, StorageFailure,
                                    parse_header)
 from scp_node.store.models import AuditEvent, Instance, Patient, Series, SeriesState, Study

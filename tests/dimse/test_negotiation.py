@@ -1,4 +1,4 @@
-"""Remembered association negotiation (scp_node.negotiation): every output equals pynetdicom's own
+"""Remembered association negotiation (scp_node.dimse.negotiation): every output equals pynetdicom's own
 for the same input, is a fresh copy, and real associations still get what they proposed."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pynetdicom.presentation import negotiate_as_acceptor as pynetdicom_negotiat
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from scp_node import negotiation
-from scp_node.acceptor import WakingRequestHandler
+from scp_node.dimse import negotiation
+from scp_node.dimse import pynetdicom_internals as internals
+from scp_node.dimse.pynetdicom_internals import WakingRequestHandler
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +64,7 @@ def _request_pdu(calling: str = "MODALITY", roles: bool = False) -> A_ASSOCIATE_
 def test_a_remembered_request_primitive_is_a_fresh_copy_of_pynetdicoms() -> None:
     pdu = _request_pdu(roles=True)
     expected = A_ASSOCIATE_RQ.to_primitive(pdu)  # pynetdicom's own, from the PDU's items
-    negotiation.remember_request_primitive(pdu)
+    internals.remember_request_primitive(pdu)
     first, second = pdu.to_primitive(), pdu.to_primitive()
     for got in (first, second):
         assert (got.calling_ae_title, got.called_ae_title, got.application_context_name) == \
@@ -96,7 +97,7 @@ def _supported() -> list[Any]:
 def test_remembered_negotiation_equals_pynetdicoms_and_hands_out_copies(roles: Any) -> None:
     rq = A_ASSOCIATE_RQ.to_primitive(_request_pdu()).presentation_context_definition_list
     expected_cx, expected_roles = pynetdicom_negotiate(rq, _supported(), roles)
-    results = [negotiation.negotiate_as_acceptor(rq, _supported(), roles) for _ in range(3)]
+    results = [internals.negotiate_as_acceptor(rq, _supported(), roles) for _ in range(3)]
     for contexts, role_items in results:
         assert _contexts(contexts) == _contexts(expected_cx)
         assert _items(role_items) == _items(expected_roles)
@@ -104,10 +105,10 @@ def test_remembered_negotiation_equals_pynetdicoms_and_hands_out_copies(roles: A
     assert results[0][0][0] is not results[1][0][0]  # copies, never shared
     # a different proposal (or set of supported contexts) is negotiated, not looked up
     fewer = rq[:5]
-    assert _contexts(negotiation.negotiate_as_acceptor(fewer, _supported(), roles)[0]) == \
+    assert _contexts(internals.negotiate_as_acceptor(fewer, _supported(), roles)[0]) == \
         _contexts(pynetdicom_negotiate(fewer, _supported(), roles)[0])
     narrower = [cx for cx in _supported() if cx.abstract_syntax != rq[0].abstract_syntax]
-    assert _contexts(negotiation.negotiate_as_acceptor(rq, narrower, roles)[0]) == \
+    assert _contexts(internals.negotiate_as_acceptor(rq, narrower, roles)[0]) == \
         _contexts(pynetdicom_negotiate(rq, narrower, roles)[0])
 
 
@@ -143,7 +144,7 @@ def test_associations_with_a_remembered_negotiation_get_what_they_proposed() -> 
     """Real associations against a waiting acceptor with the shortcuts installed: repeats of one
     request, the same request from another calling AE title, and a different request each get
     their own negotiation, and a repeat's A-ASSOCIATE-AC is byte for byte the first one's."""
-    negotiation.install()
+    internals.install_negotiation_memo()
     ae = AE("SCP_NODE")
     ae.add_supported_context(Verification)
     ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
@@ -188,7 +189,7 @@ def test_the_nodes_shared_supported_contexts_are_only_read() -> None:
     import copy
 
     from scp_node import config as config_mod
-    from scp_node.listener import DimseListener, _ContextList
+    from scp_node.dimse.listener import DimseListener, _ContextList
 
     listener = DimseListener.__new__(DimseListener)
     listener.config = config_mod.from_mapping({"node": {}}, Path("/tmp"), environ={})
@@ -198,7 +199,7 @@ def test_the_nodes_shared_supported_contexts_are_only_read() -> None:
     roles = {CTImageStorage: (True, False)}
     expected = pynetdicom_negotiate(rq, copy.deepcopy(list(shared)), roles)
     for _ in range(3):
-        contexts, role_items = negotiation.negotiate_as_acceptor(rq, shared, roles)
+        contexts, role_items = internals.negotiate_as_acceptor(rq, shared, roles)
         assert _contexts(contexts) == _contexts(expected[0]) and _items(role_items) == _items(expected[1])
         contexts[0].transfer_syntax = [JPEG2000Lossless]  # an association changing its result
     assert [vars(cx) for cx in shared] == before
@@ -207,9 +208,9 @@ def test_the_nodes_shared_supported_contexts_are_only_read() -> None:
 def test_node_associations_share_the_servers_contexts_and_leave_them_unchanged() -> None:
     import copy
 
-    from scp_node.listener import _ContextList
+    from scp_node.dimse.listener import _ContextList
 
-    negotiation.install()
+    internals.install_negotiation_memo()
     ae = AE("SCP_NODE")
     ae.add_supported_context(Verification)
     ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])

@@ -25,10 +25,12 @@ import threading
 import time
 from typing import Any, Callable
 
-from .config import Config
-from .handlers.association import AssociationCounts
+from .. import logs
+from ..config import Config
+from ..handlers.association import AssociationCounts
+from ..runtime import open_database
+from ..store.ingest import Ingestor
 from .listener import DimseListener, ListenError
-from .store.ingest import Ingestor
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +148,7 @@ def run_receiver(config: Config, listening: socket.socket, slots: Any, slot: int
                  log_level: int, ready: Any) -> None:
     """A child receiver's whole life: serve DIMSE on the shared socket until SIGTERM."""
     _die_with_parent(parent_pid)
-    from .cli import setup_logging
-    from .node import open_database
-
-    setup_logging(verbose=log_level <= logging.DEBUG)
+    logs.configure(verbose=log_level <= logging.DEBUG)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops us in order

@@ -1,4 +1,4 @@
-"""scp_node.dimse: the data set buffer (memory, then a spool file) and its use by a real association."""
+"""scp_node.dimse.buffer: the data set buffer (memory, then a spool file) and its use by a real association."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from scp_node.dimse import DataSetBuffer, take_dataset
+from scp_node.dimse.buffer import DataSetBuffer, take_dataset
 from scp_node.store.part10 import part10_header
-from scp_node.acceptor import WakingRequestHandler
+from scp_node.dimse.pynetdicom_internals import WakingRequestHandler
 from tests.support.paths import CT_DIR
 
 HEADER = part10_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", ExplicitVRLittleEndian, "SENDER")
@@ -96,7 +96,7 @@ def test_a_real_association_receives_into_the_buffer(tmp_path: Path) -> None:
     server.spool_dir = tmp_path / "spool"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     ae._servers.append(server)
-    import scp_node.dimse as dimse
+    import scp_node.dimse.buffer as dimse
 
     source = pydicom.dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
     try:
@@ -126,7 +126,7 @@ def test_store_success_response_bytes_match_pynetdicom() -> None:
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import encode
 
-    from scp_node.dimse import _store_success_command
+    from scp_node.dimse.commands import store_success_command as _store_success_command
 
     for sop_class, sop, msg_id in [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 1),
                                    ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.45", 65535)]:
@@ -171,7 +171,7 @@ def test_store_request_reads_what_pynetdicom_decodes() -> None:
     from pynetdicom.dimse_messages import C_STORE_RQ
     from pynetdicom.dsutils import decode
 
-    from scp_node.dimse import store_request
+    from scp_node.dimse.commands import store_request
 
     long_uid = "1." + "2" * 62
     for sop_class, sop, msg_id, priority in [(CTImageStorage, "1.2.3.4", 1, 2), (CTImageStorage, long_uid, 65535, 0),
@@ -192,7 +192,7 @@ def test_store_request_leaves_everything_else_to_pynetdicom() -> None:
     from pynetdicom.dimse_primitives import C_ECHO
     from pynetdicom.dsutils import encode
 
-    from scp_node.dimse import store_request
+    from scp_node.dimse.commands import store_request
 
     plain = _encoded_store_request(CTImageStorage, "1.2.3.4", 1)
     assert store_request(plain) is not None
@@ -218,7 +218,7 @@ def test_plain_stores_skip_pynetdicoms_command_decoding(tmp_path: Path, monkeypa
     """Against a pynetdicom requestor: plain C-STOREs (also with the command split over several
     PDUs) are read by StoreRequestMessage; a C-STORE with Move Originator fields and a C-ECHO on
     the same association go through pynetdicom's decoding; every handler sees the same request."""
-    import scp_node.dimse as dimse
+    import scp_node.dimse.pynetdicom_internals as dimse
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # as the node runs (see listener)
@@ -283,7 +283,7 @@ def test_store_response_sent_directly_is_the_pdu_pynetdicom_sends(monkeypatch: A
     monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
     from pynetdicom.pdu_primitives import P_DATA
 
-    from scp_node.upper_layer import WakingUpperLayer
+    from scp_node.dimse.pynetdicom_internals import WakingUpperLayer
 
     queued: list[Any] = []  # P-DATA primitives queued for the state machine (DT-1)
     original = WakingUpperLayer.send_pdu

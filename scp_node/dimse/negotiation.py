@@ -4,27 +4,24 @@ A modality that opens an association per image sends the same A-ASSOCIATE-RQ eve
 each one pynetdicom turned the decoded request into a primitive (a UID object and a validation per
 abstract and transfer syntax), negotiated its ~120 presentation contexts against the node's and
 built and encoded the A-ASSOCIATE-AC from scratch: together half of the CPU such an association
-cost.  Each of these steps is a pure function of its input, so each is remembered here by its
-input's *content* (the last :data:`REMEMBERED` of each, most recently used kept), and whatever it
-hands out is a fresh copy: no association holds an object another one can change.
+cost.  Each of these steps is a pure function of its input, so each is remembered by its
+input's *content* (the last :data:`REMEMBERED` of each, most recently used kept):
 
-- :func:`remember_request_primitive` -- the A-ASSOCIATE indication of a decoded request (AE-6);
-- :func:`negotiate_as_acceptor` -- pynetdicom's presentation context negotiation, installed in
-  its ACSE by :func:`install`;
+- :func:`negotiated` -- pynetdicom's presentation context negotiation (the fast path hands out
+  copies of what it returns: :mod:`scp_node.dimse.pynetdicom_internals`, which also remembers
+  the request primitive of a decoded A-ASSOCIATE-RQ);
 - :func:`accept_pdu_bytes` -- the encoded A-ASSOCIATE-AC for an accept primitive (AE-7).
 
-The tests compare every output with what pynetdicom computes for the same input.
+This module reads pynetdicom's objects through their public attributes only.  The tests compare
+every output with what pynetdicom computes for the same input.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Hashable
+from typing import Any, Hashable
 
-from pynetdicom import acse as _acse
 from pynetdicom import presentation as _presentation
 from pynetdicom.pdu import A_ASSOCIATE_AC
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -60,53 +57,17 @@ class _Remembered:
             self._items.clear()
 
 
-def copy_context(cx: PresentationContext) -> PresentationContext:
-    """A new presentation context with ``cx``'s values (its transfer syntax list copied too)."""
-    new = object.__new__(PresentationContext)
-    values = cx.__dict__.copy()
-    values["_transfer_syntax"] = values["_transfer_syntax"][:]
-    new.__dict__ = values
-    return new
-
-
-# -- AE-6: the request primitive --------------------------------------------------------------
-
-def copy_request_primitive(template: A_ASSOCIATE) -> A_ASSOCIATE:
-    """A new A-ASSOCIATE (request) primitive equal to ``template``: its presentation contexts and
-    user information items are copies, so the association may change them freely."""
-    primitive = A_ASSOCIATE.__new__(A_ASSOCIATE)
-    primitive.__dict__.update(template.__dict__)
-    primitive._presentation_context_definition_list = [
-        copy_context(cx) for cx in template._presentation_context_definition_list]
-    primitive._presentation_context_definition_results_list = []
-    primitive._user_information = [copy.copy(item) for item in template._user_information]
-    return primitive
-
-
-def remember_request_primitive(pdu: Any) -> None:
-    """Make the decoded A-ASSOCIATE-RQ ``pdu`` (kept for identical requests by the upper layer)
-    hand out copies of one primitive instead of building a new one from its items each time.
-
-    pynetdicom's AE-6 calls ``pdu.to_primitive()``; the PDU object is only read, so its
-    primitive is worked out once here and every later call returns :func:`copy_request_primitive`
-    of it.
-    """
-    template = pdu.to_primitive()
-    pdu.to_primitive = functools.partial(copy_request_primitive, template)
-
-
 # -- presentation context negotiation ---------------------------------------------------------
 
-_pynetdicom_negotiate: Callable[..., Any] = _presentation.negotiate_as_acceptor
 _negotiated = _Remembered()
 
 
 def _supported_key(ac_contexts: list[PresentationContext]) -> Hashable:
     """The part of the key for the supported contexts: worked out once for a list the node's
-    associations share (it is fixed while the server serves; see scp_node.listener)."""
+    associations share (it is fixed while the server serves; see scp_node.dimse.listener)."""
     key = getattr(ac_contexts, "negotiation_key", None)
     if key is None:
-        key = tuple((cx._abstract_syntax, tuple(cx._transfer_syntax), cx._scu_role, cx._scp_role)
+        key = tuple((cx.abstract_syntax, tuple(cx.transfer_syntax), cx.scu_role, cx.scp_role)
                     for cx in ac_contexts)
         if getattr(ac_contexts, "shared_by_associations", False):
             ac_contexts.negotiation_key = key  # type: ignore[attr-defined]
@@ -116,29 +77,25 @@ def _supported_key(ac_contexts: list[PresentationContext]) -> Hashable:
 def _negotiation_key(rq_contexts: list[PresentationContext], ac_contexts: list[PresentationContext],
                      roles: dict[Any, Any] | None) -> Hashable:
     """Everything :func:`pynetdicom.presentation.negotiate_as_acceptor` reads of its input."""
-    return (tuple((cx._context_id, cx._abstract_syntax, tuple(cx._transfer_syntax)) for cx in rq_contexts),
+    return (tuple((cx.context_id, cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in rq_contexts),
             _supported_key(ac_contexts), tuple(sorted((roles or {}).items())))
 
 
-def negotiate_as_acceptor(rq_contexts: list[PresentationContext], ac_contexts: list[PresentationContext],
-                          roles: dict[Any, Any] | None = None) -> tuple[list[PresentationContext], list[Any]]:
-    """pynetdicom's negotiation, remembered: the result contexts and role selection items for a
-    proposal and a set of supported contexts seen before are copies of the earlier ones."""
+def negotiated(rq_contexts: list[PresentationContext], ac_contexts: list[PresentationContext],
+               roles: dict[Any, Any] | None = None) -> tuple[list[PresentationContext], list[Any]]:
+    """pynetdicom's negotiation of a proposal against the supported contexts, remembered.
+
+    The objects returned are the remembered ones, shared: a caller hands out copies.
+    """
     try:  # (the key is hashed once, by the look-up: a tuple does not keep its hash)
         key = _negotiation_key(rq_contexts, ac_contexts, roles)
         known = _negotiated.get(key)
     except (AttributeError, TypeError):  # something unusual: no shortcut
-        return _pynetdicom_negotiate(rq_contexts, ac_contexts, roles)
+        return _presentation.negotiate_as_acceptor(rq_contexts, ac_contexts, roles)
     if known is None:
-        known = _pynetdicom_negotiate(rq_contexts, ac_contexts, roles)
+        known = _presentation.negotiate_as_acceptor(rq_contexts, ac_contexts, roles)
         _negotiated.put(key, known)
-    contexts, role_items = known
-    return [copy_context(cx) for cx in contexts], [copy.copy(item) for item in role_items]
-
-
-def install() -> None:
-    """Make pynetdicom's ACSE negotiate through :func:`negotiate_as_acceptor` (idempotent)."""
-    _acse.negotiate_as_acceptor = negotiate_as_acceptor
+    return known
 
 
 # -- AE-7: the encoded A-ASSOCIATE-AC ---------------------------------------------------------
@@ -149,7 +106,7 @@ _accept_pdus = _Remembered()
 def _accept_key(primitive: A_ASSOCIATE) -> Hashable:
     """Everything ``A_ASSOCIATE_AC.from_primitive`` and its items read of the primitive."""
     return (primitive.application_context_name, primitive.calling_ae_title, primitive.called_ae_title,
-            tuple((cx._context_id, cx.result, tuple(cx._transfer_syntax[:1]))
+            tuple((cx.context_id, cx.result, tuple(cx.transfer_syntax[:1]))
                   for cx in primitive.presentation_context_definition_results_list),
             tuple((type(item), tuple(sorted(vars(item).items()))) for item in primitive.user_information))
 

@@ -1,4 +1,4 @@
-"""The waiting (not polling) acceptor associations of scp_node.upper_layer, against pynetdicom peers."""
+"""The waiting (not polling) acceptor associations of scp_node.dimse.pynetdicom_internals, against pynetdicom peers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from scp_node.acceptor import WakingAssociation, WakingRequestHandler
+from scp_node.dimse.pynetdicom_internals import WakingAssociation, WakingRequestHandler
 
 
 def _dataset() -> Dataset:
@@ -166,7 +166,7 @@ def test_stores_are_served_on_the_dul_thread_and_a_handler_may_abort() -> None:
 
 
 def test_pdv_items_split_a_p_data_body_and_refuse_a_malformed_one() -> None:
-    from scp_node.upper_layer import pdv_items
+    from scp_node.dimse.transport import pdv_items
 
     body = bytearray(b"\x00\x00\x00\x04\x01\x03ab" + b"\x00\x00\x00\x03\x03\x02z")
     items = pdv_items(body)
@@ -186,7 +186,7 @@ def test_p_data_goes_straight_to_dimse_unless_a_handler_watches_pdus(monkeypatch
     from pynetdicom import _config
     from pynetdicom.pdu import P_DATA_TF
 
-    from scp_node.upper_layer import WakingUpperLayer
+    from scp_node.dimse.pynetdicom_internals import WakingUpperLayer
 
     decoded: list[int] = []  # PDU types pynetdicom's decoder saw
     original = WakingUpperLayer._decode_pdu
@@ -231,7 +231,7 @@ def test_a_peer_stalling_inside_a_pdu_is_cut_off_by_the_network_timeout() -> Non
     import socket
     import struct
 
-    from scp_node.acceptor import use_kernel_timeouts
+    from scp_node.dimse.transport import use_kernel_timeouts
 
     server = _server(True, [], network_timeout=1.0)
     try:
@@ -259,7 +259,7 @@ def test_an_identical_associate_request_is_decoded_once(monkeypatch: Any) -> Non
     decoded PDU, and each association still negotiates what its own request proposed."""
     from pynetdicom import _config
 
-    import scp_node.upper_layer as upper_layer
+    import scp_node.dimse.pynetdicom_internals as upper_layer
 
     monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # as the node runs (see listener)
     monkeypatch.setattr(upper_layer, "_ASSOCIATE_RQ_CACHE", {})

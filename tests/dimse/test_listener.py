@@ -1,4 +1,4 @@
-"""scp_node.listener: the shared port, the fast context copy, the association counts across receivers."""
+"""scp_node.dimse.listener: the shared port, the fast context copy, the association counts across receivers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 
 from scp_node import config as config_mod
 from scp_node.handlers.association import AssociationCounts
-from scp_node.listener import (DimseListener, ListenError, _ContextList, open_listening_socket,
+from scp_node.dimse.listener import (DimseListener, ListenError, _ContextList, open_listening_socket,
                                preferred_transfer_syntaxes)
-from scp_node.receivers import receiver_count
+from scp_node.dimse.receivers import receiver_count
 
 
 def _config(**node: object) -> config_mod.Config:
@@ -82,7 +82,7 @@ def test_remembered_uid_validity_answers_as_pydicom() -> None:
 
     from pydicom.uid import RE_VALID_UID, UID
 
-    from scp_node.listener import remember_uid_validity
+    from scp_node.dimse.listener import remember_uid_validity
 
     remember_uid_validity()
     remember_uid_validity()  # once is enough; twice changes nothing

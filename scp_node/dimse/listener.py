@@ -1,7 +1,9 @@
 """The DIMSE listener: one AE (the one place for network config) serving C-ECHO and C-STORE.
 
-Every receiver process (see :mod:`scp_node.receivers`) runs one :class:`DimseListener` on the
-listening socket the node process opened.  ``[node] max_associations`` holds for the node as a
+Every receiver process (see :mod:`scp_node.dimse.receivers`) runs one :class:`DimseListener` on the
+listening socket the node process opened.  ``[node] fast_path`` picks how associations run: the
+fast path of :mod:`scp_node.dimse.pynetdicom_internals` (default), or pynetdicom's own request
+handler, reactor, negotiation and DIMSE provider (``false``).  ``[node] max_associations`` holds for the node as a
 whole: each receiver publishes how many associations it has in a slot of a shared array, and a
 request is counted against the sum.
 """
@@ -21,29 +23,27 @@ from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom.uid import UID, ImplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, negotiation
-from .audit import AuditTrail
-from .config import Config
-from .handlers import (AccessList, handle_aborted, handle_accepted, handle_conn_open, handle_echo,
-                       handle_requested, handle_store)
-from .handlers.association import AssociationCounts, live_acceptors
-from .store.ingest import Ingestor
-from .acceptor import WakingRequestHandler
+from .. import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from ..audit import AuditTrail
+from ..config import Config
+from ..handlers import (AccessList, handle_aborted, handle_accepted, handle_conn_open, handle_echo,
+                        handle_requested, handle_store)
+from ..handlers.association import AssociationCounts, live_acceptors
+from ..store.ingest import Ingestor
+from . import pynetdicom_internals as internals
+from .tls import defer_handshakes, server_context
+from .transport import ListenError, open_listening_socket  # noqa: F401 (the node opens the port through here)
 
 #: Spool folder for large incoming data sets, inside the storage folder (start-up recovery
 #: removes what a crash left there: the files are named ``.<random>.spool.tmp``).
 SPOOL_FOLDER = ".spool"
 
 log = logging.getLogger(__name__)
-
-
-class ListenError(RuntimeError):
-    """The port cannot be opened (message says why)."""
 
 
 def preferred_transfer_syntaxes() -> list[str]:
@@ -57,17 +57,6 @@ def preferred_transfer_syntaxes() -> list[str]:
     encapsulated = [ts for ts in ALL_TRANSFER_SYNTAXES if UID(ts).is_encapsulated]
     native = [ts for ts in ALL_TRANSFER_SYNTAXES if not UID(ts).is_encapsulated and ts != ImplicitVRLittleEndian]
     return encapsulated + native + [ImplicitVRLittleEndian]
-
-
-def open_listening_socket(host: str, port: int) -> socket.socket:
-    """The node's listening socket, opened once by the node process and shared by every receiver."""
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=64, reuse_port=False)
-    except OSError as exc:
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.setblocking(False)  # receivers race to accept: the losers get EAGAIN, not a blocked thread
-    return sock
 
 
 def remember_uid_validity() -> None:
@@ -96,8 +85,9 @@ class _ContextList(list):  # type: ignore[type-arg]
     modalities that open one association per image.  UIDs are immutable strings, so a copy of each
     context object with fresh lists is the same thing, in ~0.13 ms.
 
-    The node's own associations do not even take that copy (``shared_by_associations``, read by
-    :class:`scp_node.acceptor.WakingRequestHandler`): during an association the supported
+    On the fast path the node's own associations do not even take that copy
+    (``shared_by_associations``, read by
+    :class:`scp_node.dimse.pynetdicom_internals.WakingRequestHandler`): during an association the supported
     contexts are only read, by the negotiation, which builds new result contexts, and no
     handler of the node touches them.  The list is fixed once the server serves.
     """
@@ -134,7 +124,6 @@ class _SharedSocketServer(ThreadedAssociationServer):
         self.spool_dir = spool_dir
         self._accepted_at: deque[float] = deque(maxlen=16)
         self._last_gc = time.monotonic()
-        kwargs.setdefault("request_handler", WakingRequestHandler)  # no 1 ms polling per association
         super().__init__(*args, **kwargs)
         self.contexts = _ContextList(self.contexts)
 
@@ -208,14 +197,6 @@ class DimseListener:
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_pdu_size = n.max_pdu_size
-        # Received data sets go to scp_node.dimse.DataSetBuffer (memory, or a spool file past
-        # 16 MiB), never to pynetdicom's per-instance temporary files.
-        _config.STORE_RECV_CHUNKED_DATASET = False
-        # pynetdicom's standard logging handlers format every PDU and DIMSE message whatever the
-        # log level (a few percent of a receiver's CPU); our audit records what matters. With
-        # `serve -v` (pynetdicom at DEBUG) they stay on.
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            _config.LOG_HANDLER_LEVEL = "none"
         # The limit itself is checked (and audited) in handle_requested; pynetdicom's count also
         # holds closed connections waiting out their ACSE timeout, so its ceiling is a safety net.
         ae.maximum_associations = n.max_associations + 64
@@ -240,26 +221,27 @@ class DimseListener:
         ]
 
     def start(self) -> None:
-        """Serve on the shared socket (raises :class:`scp_node.tls.TLSConfigError` on a bad TLS setup)."""
-        from .tls import defer_handshakes, server_context
-
+        """Serve on the shared socket (raises :class:`scp_node.dimse.tls.TLSConfigError` on a bad TLS setup)."""
+        n = self.config.node
+        internals.configure_library(n.fast_path)
         # pydicom checks a UID against a regular expression each time one is made, and pynetdicom
         # makes each proposed UID several times while it decodes and negotiates an A-ASSOCIATE-RQ:
         # with one association per image that was a third of a receiver's CPU (py-spy).  Reading
         # validation only ever warns; the UIDs the node relies on are checked by store.files.check_uid.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         remember_uid_validity()
-        negotiation.install()  # a request seen before is negotiated from memory
-        tls = server_context(self.config.node)
-        n = self.config.node
+        internals.install_negotiation_memo(n.fast_path)  # a request seen before is negotiated from memory
+        tls = server_context(n)
+        extra: dict[str, Any] = {"request_handler": internals.WakingRequestHandler} if n.fast_path else {}
         server = self.ae.make_server((n.host, n.port), ssl_context=tls, evt_handlers=self._handlers(),
                                      server_class=_SharedSocketServer, listening=self.listening,
-                                     counts=self.counts, spool_dir=self.config.store.storage_dir / SPOOL_FOLDER)
+                                     counts=self.counts, spool_dir=self.config.store.storage_dir / SPOOL_FOLDER,
+                                     **extra)
         if tls is not None:
             defer_handshakes(server, tls)
         thread = threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer", daemon=True)
         thread.start()
-        self.ae._servers.append(server)
+        internals.register_server(self.ae, server)
         self._server = server
         if self.counts is not None:
             self._publisher = threading.Thread(target=self._publish_count, name="AssociationCount", daemon=True)

@@ -12,7 +12,7 @@ import socket
 import ssl
 from typing import Any
 
-from .config import Destination, NodeConfig
+from ..config import Destination, NodeConfig
 
 
 class TLSConfigError(ValueError):
@@ -64,7 +64,7 @@ def defer_handshakes(server: Any, ctx: ssl.SSLContext) -> None:
     association thread's first read, under the same network timeout as any other read; a
     failure there is audited by the connection guard (:mod:`scp_node.handlers.association`).
     """
-    accept = server.get_request  # the server's own accept (scp_node.listener balances receivers there)
+    accept = server.get_request  # the server's own accept (scp_node.dimse.listener balances receivers there)
 
     def get_request() -> tuple[socket.socket, Any]:
         client, address = accept()

@@ -11,7 +11,7 @@ from pynetdicom import AE
 
 from .. import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from ..config import Destination
-from ..tls import client_context
+from ..dimse.tls import client_context
 
 log = logging.getLogger(__name__)
 
