@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from ..logs import escape_controls
 from ..store.db import Database
 from ..store.models import AuditEvent, utcnow
 from .secret import keyed_hash
@@ -50,7 +51,9 @@ class Event:
 
 
 def _clean(text: str, limit: int) -> str:
-    return str(text).replace("\r", " ").replace("\n", " ")[:limit]
+    """A value from the wire as an audit column: every control character (CR/LF, but also ESC,
+    which ``audit tail`` would print to the admin's terminal) written as a visible escape."""
+    return escape_controls(str(text))[:limit]
 
 
 _INSERT = insert(AuditEvent.__table__)

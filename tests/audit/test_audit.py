@@ -110,18 +110,18 @@ def test_rows_never_hold_the_clear_patient_id(index_db: Database, storage_dir: P
     assert set(hashes.values()) == {keyed_hash(audit_secret, CT_PATIENT_ID), keyed_hash(audit_secret, cxr_pid)}
 
 
-def test_record_hashes_patient_id_and_strips_line_breaks(index_db: Database, audit_trail: AuditTrail,
+def test_record_hashes_patient_id_and_escapes_control_characters(index_db: Database, audit_trail: AuditTrail,
                                                           audit_secret: bytes) -> None:
-    audit_trail.record(Event.INSTANCE_REJECTED, outcome="failure", ae_title="EVIL\r\nAE",
+    audit_trail.record(Event.INSTANCE_REJECTED, outcome="failure", ae_title="EVIL\r\n\x1bAE",
                        peer="1.2.3.4\n2024-01-01 fake line", study_uid="1.2\r3", series_uid="4\n5",
                        sop_uid="6\r\n7", patient_id="SECRET-PID-42",
                        detail="line one\r\n2024-01-01T00:00:00 INFO instance.stored forged\nthree")
     (row,) = all_rows(index_db)
     values = [getattr(row, c) for c in ("event", "outcome", "ae_title", "peer", "study_instance_uid",
                                         "series_instance_uid", "sop_instance_uid", "patient_hash", "detail")]
-    assert all("\r" not in v and "\n" not in v for v in values)
-    assert row.detail == "line one  2024-01-01T00:00:00 INFO instance.stored forged three"
-    assert row.ae_title == "EVIL  AE"
+    assert all("\r" not in v and "\n" not in v and "\x1b" not in v for v in values)
+    assert row.detail == "line one\\r\\n2024-01-01T00:00:00 INFO instance.stored forged\\nthree"
+    assert row.ae_title == "EVIL\\r\\n\\x1bAE"
     assert row.patient_hash == keyed_hash(audit_secret, "SECRET-PID-42")
     assert not [c for c in all_cells(index_db) if "SECRET-PID-42" in c]
     assert row.time.tzinfo is not None
