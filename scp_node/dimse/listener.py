@@ -34,7 +34,7 @@ from ..config import Config
 from ..handlers import (AccessList, handle_aborted, handle_accepted, handle_conn_open, handle_echo,
                         handle_requested, handle_store)
 from ..handlers.association import AssociationCounts, live_acceptors
-from ..store.ingest import Ingestor
+from ..store.ingest import KNOWN_TRANSFER_SYNTAXES, Ingestor
 from . import pynetdicom_internals as internals
 from .tls import defer_handshakes, server_context
 from .transport import ListenError, open_listening_socket  # noqa: F401 (the node opens the port through here)
@@ -46,16 +46,36 @@ SPOOL_FOLDER = ".spool"
 log = logging.getLogger(__name__)
 
 
+#: Transfer syntaxes in pydicom's dictionary that are not encodings of a data set a DIMSE peer
+#: sends (MIME and XML encapsulation for web services, the Papyrus 3 file format): never negotiated.
+NOT_FOR_DIMSE = frozenset({"1.2.840.10008.1.2.6.1", "1.2.840.10008.1.2.6.2", "1.2.840.10008.1.20"})
+
+
+def _uid_order(uid: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in uid.split("."))
+
+
+def supported_transfer_syntaxes() -> list[str]:
+    """Every transfer syntax the ingest knows (:data:`scp_node.store.ingest.KNOWN_TRANSFER_SYNTAXES`:
+    pynetdicom's list, then pydicom's dictionary with the retired ones, such as the JPEG processes
+    6/8 and 10/12 that pynetdicom leaves out), less :data:`NOT_FOR_DIMSE`.  The node stores a data
+    set as received, so it accepts what it can store, whether or not the engine can decode it
+    (an undecodable series is stored and reported as not analysable)."""
+    extra = sorted(KNOWN_TRANSFER_SYNTAXES - set(ALL_TRANSFER_SYNTAXES) - NOT_FOR_DIMSE, key=_uid_order)
+    return [*(str(ts) for ts in ALL_TRANSFER_SYNTAXES), *extra]
+
+
 def preferred_transfer_syntaxes() -> list[str]:
-    """Every transfer syntax, encapsulated (compressed) ones first, Implicit VR last.
+    """Every supported transfer syntax, encapsulated (compressed) ones first, Implicit VR last.
 
     pynetdicom as acceptor picks, within one proposed presentation context, the first syntax of
     *its own* list that the sender proposed.  A modality holding a JPEG 2000 image proposes it
     first and uncompressed as a fallback; preferring the encapsulated syntaxes means it sends
     the image as it has it, and we store exactly those bytes, with no transcoding on either side.
     """
-    encapsulated = [ts for ts in ALL_TRANSFER_SYNTAXES if UID(ts).is_encapsulated]
-    native = [ts for ts in ALL_TRANSFER_SYNTAXES if not UID(ts).is_encapsulated and ts != ImplicitVRLittleEndian]
+    every = supported_transfer_syntaxes()
+    encapsulated = [ts for ts in every if UID(ts).is_encapsulated]
+    native = [ts for ts in every if not UID(ts).is_encapsulated and ts != ImplicitVRLittleEndian]
     return encapsulated + native + [ImplicitVRLittleEndian]
 
 

@@ -48,6 +48,19 @@ def test_preferred_transfer_syntaxes_put_compressed_first_and_implicit_last() ->
     assert ts.index("1.2.840.10008.1.2.4.90") < ts.index("1.2.840.10008.1.2.1")
 
 
+def test_every_transfer_syntax_the_ingest_knows_is_negotiated_retired_jpeg_included() -> None:
+    from pynetdicom import ALL_TRANSFER_SYNTAXES
+
+    from scp_node.dimse.listener import NOT_FOR_DIMSE
+    from scp_node.store.ingest import KNOWN_TRANSFER_SYNTAXES
+
+    ts = preferred_transfer_syntaxes()
+    assert len(ts) == len(set(ts))
+    assert set(ts) == set(KNOWN_TRANSFER_SYNTAXES) - NOT_FOR_DIMSE
+    assert set(ALL_TRANSFER_SYNTAXES) <= set(ts)
+    assert {"1.2.840.10008.1.2.4.53", "1.2.840.10008.1.2.4.55"} <= set(ts)  # refused before: Orthanc keeps them
+
+
 def test_a_port_in_use_is_a_clear_listen_error() -> None:
     taken = open_listening_socket("127.0.0.1", 0)
     try:
