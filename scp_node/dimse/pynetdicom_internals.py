@@ -27,7 +27,7 @@ state transitions (``EVT_PDU_RECV``, ``EVT_DATA_RECV``, ``EVT_PDU_SENT``, ``EVT_
 off for their association, so they see what pynetdicom would show them.
 
 Every private pynetdicom name this module uses, and why (:data:`PRIVATE_NAMES` is the same list
-for ``tests/dimse/test_compat.py``, which checks each exists):
+for ``tests/test_compat.py``, which checks each exists):
 
 ``pynetdicom._config``: ``STORE_RECV_CHUNKED_DATASET`` (fast path: our buffer receives the data
     set; library path: pynetdicom's own spool file keeps memory bounded) and ``LOG_HANDLER_LEVEL``
@@ -60,8 +60,8 @@ for ``tests/dimse/test_compat.py``, which checks each exists):
     contexts and request primitives are made without re-validating every UID.
 
 The upstream functions copied or overridden here are listed with the SHA-256 of their source
-(``inspect.getsource``) in :data:`UPSTREAM_SOURCES`; the compatibility test fails, naming each,
-when pynetdicom's changed: read the new source, port the change, update the hash.
+(``inspect.getsource``) in :data:`UPSTREAM_SOURCES`; ``tests/test_compat.py`` fails, naming
+each, when pynetdicom's changed: read the new source, port the change, update the hash.
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.05
 
 #: (where, name): every private pynetdicom name used here; ``where`` is a module, a class, or
-#: ``"instance:<class>"`` for an attribute set in ``__init__`` (checked on a real acceptor
-#: association by tests/dimse/test_compat.py).
+#: ``"instance:<class>"`` for an attribute set in ``__init__`` (checked on real objects by
+#: tests/test_compat.py).
 PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("pynetdicom._config", "STORE_RECV_CHUNKED_DATASET"),
     ("pynetdicom._config", "LOG_HANDLER_LEVEL"),
@@ -139,51 +139,102 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("instance:pynetdicom.pdu_primitives.A_ASSOCIATE", "_user_information"),
 )
 
-#: Upstream functions copied (c) or overridden (o) here, or whose behaviour a shortcut repeats (r),
-#: with the SHA-256 of ``inspect.getsource`` when that was done (pynetdicom 3.0.4).
+#: Attributes with public names that are still pynetdicom's internal machinery, read or written
+#: here (checked like :data:`PRIVATE_NAMES`).
+INTERNAL_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("instance:pynetdicom.dul.DULServiceProvider", "event_queue"),
+    ("instance:pynetdicom.dul.DULServiceProvider", "to_provider_queue"),
+    ("instance:pynetdicom.dul.DULServiceProvider", "to_user_queue"),
+    ("instance:pynetdicom.dul.DULServiceProvider", "artim_timer"),
+    ("instance:pynetdicom.dul.DULServiceProvider", "state_machine"),
+    ("instance:pynetdicom.dul.DULServiceProvider", "socket"),
+    ("instance:pynetdicom.dimse.DIMSEServiceProvider", "msg_queue"),
+    ("instance:pynetdicom.dimse.DIMSEServiceProvider", "message"),
+    ("instance:pynetdicom.dimse_messages.DIMSEMessage", "encoded_command_set"),
+    ("instance:pynetdicom.dimse_messages.DIMSEMessage", "data_set"),
+    ("pynetdicom.fsm.StateMachine", "transition"),
+    ("pynetdicom.transport.AssociationSocket", "recv"),
+)
+
+#: Upstream functions this package copied (c), overrides (o), or whose behaviour a shortcut
+#: repeats or relies on (r), with the SHA-256 of their ``inspect.getsource`` text as it was in
+#: pynetdicom 3.0.4 when that was done.  A changed hash means: read the new source, port the change
+#: (or check that it needs none), then update the hash.
 UPSTREAM_SOURCES: dict[str, str] = {
-    # (c) WakingUpperLayer._reactor_loop, without the sleep
-    "pynetdicom.dul.DULServiceProvider.run_reactor": "",
-    # (c) WakingUpperLayer._read_pdu_data, P-DATA straight to DIMSE
-    "pynetdicom.dul.DULServiceProvider._read_pdu_data": "",
-    # (o) the decode is remembered per request bytes
-    "pynetdicom.dul.DULServiceProvider._decode_pdu": "",
-    # (o) no second select after our wait
-    "pynetdicom.dul.DULServiceProvider._is_transport_event": "",
-    # (o) waits before pynetdicom's check
-    "pynetdicom.dul.DULServiceProvider._process_recv_primitive": "",
-    # (c) stop_dul, waking the thread
-    "pynetdicom.dul.DULServiceProvider.stop_dul": "",
-    # (o) send_pdu, kill_dul wake the thread
-    "pynetdicom.dul.DULServiceProvider.send_pdu": "",
-    "pynetdicom.dul.DULServiceProvider.kill_dul": "",
-    # (o) do_action wakes the association thread; (r) AE-7 with remembered bytes
-    "pynetdicom.fsm.StateMachine.do_action": "",
-    "pynetdicom.fsm.AE_7": "",
-    # (r) DT-1 (a C-STORE response sent from the DUL thread) and DT-2 (P-DATA to DIMSE)
-    "pynetdicom.fsm.DT_1": "",
-    "pynetdicom.fsm.DT_2": "",
-    # (r) AE-6 calls pdu.to_primitive(), which the memo replaces per PDU
-    "pynetdicom.fsm.AE_6": "",
-    "pynetdicom.pdu.A_ASSOCIATE_RQ.to_primitive": "",
-    # (c) WakingAssociation._reactor_loop; (o) kill from the DUL thread
-    "pynetdicom.association.Association._run_reactor": "",
-    "pynetdicom.association.Association.kill": "",
-    "pynetdicom.association.Association.__init__": "",
-    # (c) WakingRequestHandler._create_association
-    "pynetdicom.transport.RequestHandler._create_association": "",
-    # (o) ReceivingDIMSE
-    "pynetdicom.dimse.DIMSEServiceProvider.receive_primitive": "",
-    "pynetdicom.dimse.DIMSEServiceProvider.send_msg": "",
-    # (o) StoreRequestMessage: decode_msg falls back to pynetdicom's; message_to_primitive
-    "pynetdicom.dimse_messages.DIMSEMessage.decode_msg": "",
-    "pynetdicom.dimse_messages.DIMSEMessage.message_to_primitive": "",
-    "pynetdicom.dimse_messages.DIMSEMessage.__init__": "",
-    # (r) the negotiation the memo keeps, and the request/accept PDUs it copies
-    "pynetdicom.presentation.negotiate_as_acceptor": "",
-    "pynetdicom.acse.ACSE._check_async_ops": "",
-    "pynetdicom.pdu_primitives.A_ASSOCIATE.__init__": "",
-    "pynetdicom.presentation.PresentationContext.__init__": "",
+    # WakingUpperLayer
+    "pynetdicom.dul.DULServiceProvider.__init__":  # (r) the attributes taken over
+        "c82dafa9438ddf70685917cb15d2bfbc814aa0ad5233ffb0ae650faedc7570f0",
+    "pynetdicom.dul.DULServiceProvider.run_reactor":  # (c) _reactor_loop, without the sleep
+        "e3a10eb3a0931e4854af33b9496e92d9679522aca26b0e04da8967559b9e2803",
+    "pynetdicom.dul.DULServiceProvider._read_pdu_data":  # (c) P-DATA straight to DIMSE
+        "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b",
+    "pynetdicom.dul.DULServiceProvider._decode_pdu":  # (o) remembered per request bytes
+        "fc71dd1bf853e1ce79d29b11731a26a4f6ee9eb697026ad611f8fc91f8aa69c9",
+    "pynetdicom.dul.DULServiceProvider._is_transport_event":  # (o) no second select
+        "8725ed03bb8fbdefef249d5d9888c120e6277d7b6aa2c4f537e23027186e1253",
+    "pynetdicom.dul.DULServiceProvider._process_recv_primitive":  # (o) waits first
+        "4c0ebbb3e646e35e8e5bbc27ee2f1e6b2c82bbf619232f47639a6cbae092ed39",
+    "pynetdicom.dul.DULServiceProvider.stop_dul":  # (c) with a wake-up
+        "28a7e0be126e7b306369cc1b131daec8e907d21d0f5692930133b6599b8c6e5f",
+    "pynetdicom.dul.DULServiceProvider.send_pdu":  # (o) with a wake-up
+        "7cbce5da8594124e9e70c790a68df640d21df11af4220783e752bc607de8dde6",
+    "pynetdicom.dul.DULServiceProvider.kill_dul":  # (o) with a wake-up
+        "5ceccf8dd01c2072c377d18bb1be284941a345bd40f03bd1e03a864ab0817842",
+    # _WakingStateMachine
+    "pynetdicom.fsm.StateMachine.do_action":  # (o) wakes the association thread
+        "9a883f44c7f31641b7847b97b51a72abdd31a3c8a9d31031cae7f7d929383dd9",
+    "pynetdicom.fsm.AE_6":  # (r) calls pdu.to_primitive(), which the memo replaces per PDU
+        "385d595ed49432afe80c0284b6355b03f83db8ed3e37caae6c30820bf7280b98",
+    "pynetdicom.fsm.AE_7":  # (c) _send_associate_ac, with remembered bytes
+        "c62284735836c78a25d855f8beecd976441564d1dbf784b17e7adb1cdf2496a7",
+    "pynetdicom.fsm.DT_1":  # (r) a C-STORE success response sent from the DUL thread
+        "82e5c5d4114534fa9ac86124c7c7ef11ff2b98bc73069372cbe413af9df19081",
+    "pynetdicom.fsm.DT_2":  # (r) P-DATA handed to DIMSE without the state machine
+        "9ec543394e0b49eb8be2448fc3f9950361b0047db7cf3742844f377bd225ba73",
+    "pynetdicom.pdu.A_ASSOCIATE_RQ.to_primitive":  # (r) its result copied
+        "92cb1a8bedf659e5ed93aafac546740e080a9e94cae90b22e150f407e4c05019",
+    "pynetdicom.pdu.A_ASSOCIATE_AC.from_primitive":  # (r) what the accept memo's key covers
+        "1dd28ce4925d42a6be18d926c92f9c5ea9bc7cee50696b729c009a32658573bb",
+    # WakingAssociation, WakingRequestHandler
+    "pynetdicom.association.Association.__init__":  # (r) the DUL and DIMSE replaced after it
+        "eb07516b8009ad8fa338201dea39578380fbf9f2c59fa5e368e20250eb97c4ea",
+    "pynetdicom.association.Association._run_reactor":  # (c) _reactor_loop, waiting on an event
+        "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
+    "pynetdicom.association.Association.kill":  # (o) callable from the DUL thread
+        "8f9713666a7f4cffd840899f023090e9786668945a7c844f99d7a834077c3972",
+    "pynetdicom.association.Association._serve_request":  # (r) called on the DUL thread
+        "2f24c1759cdf6c8c433094f2a8dd8144f76f5547f03daed7b94e0f78bc12f877",
+    "pynetdicom.transport.RequestHandler._create_association":  # (c) our association class
+        "05c8d12b79863cdbdb901ce37187b7030a0434c5cd89d219ed0bedbda679a61e",
+    # ReceivingDIMSE, StoreRequestMessage
+    "pynetdicom.dimse.DIMSEServiceProvider.receive_primitive":  # (o) our buffer, served here
+        "5f99c86b14a15cefa87d914cda3591ec4d636d4c53a982e945ec9c1828c6e43f",
+    "pynetdicom.dimse.DIMSEServiceProvider.send_msg":  # (o) success response encoded directly
+        "a839cf2fb46976d9da29cf06fea41c04416b38d14fab612af12e5d869bd5b3f0",
+    "pynetdicom.dimse_messages.DIMSEMessage.__init__":  # (r) new() sets the class after it
+        "b9c44307ebf25f196c1a13ef9273539444cb5f20207322544ab5feb4f6afda84",
+    "pynetdicom.dimse_messages.DIMSEMessage.decode_msg":  # (o) falls back to it
+        "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
+    "pynetdicom.dimse_messages.DIMSEMessage.message_to_primitive":  # (o) our request primitive
+        "f8f43d34e43450efa31bd308677b85b370f8ca7600c0e067e854f8095ce665ac",
+    # negotiation memo
+    "pynetdicom.presentation.negotiate_as_acceptor":  # (r) what the memo's key covers
+        "d5413f08f0ac7b32b2b95f629d88242be5785d4a37888a14c265e0c27452da05",
+    "pynetdicom.presentation.PresentationContext.__init__":  # (r) copy_context skips it
+        "37a8842ac07cd8f364dba03f5f7a59c23a0068341873edd81d367ad0c75596d9",
+    "pynetdicom.pdu_primitives.A_ASSOCIATE.__init__":  # (r) copy_request_primitive skips it
+        "08a652018afa2f09aac418c82226d2e606b736e740a12a800ed8842f685b3e97",
+    # the shared-socket server (scp_node.dimse.listener) and TLS (scp_node.dimse.tls)
+    "pynetdicom.transport.AssociationServer.__init__":  # (r) its server_bind is ours
+        "edacb98bdfb7b9744194698d47fa51d4e2d5c9ed02ef5fb5181f381b31118423",
+    "pynetdicom.transport.AssociationServer.get_request":  # (o) balance receivers; TLS deferred
+        "925a4f3a3042f6e4b944505d06dc19c41e10ff7dec5385c794d62d31fd000300",
+    "pynetdicom.transport.AssociationServer.server_bind":  # (o) the listening socket shared
+        "cf69278a05a5c777b7e9e9af0769e3102618027b2ec8035a30af8cc370ebdae6",
+    "pynetdicom.transport.AssociationServer.server_close":  # (o) only our descriptor
+        "3fa1b358badbe6826671da5e9d11cd86944be35327c47caeeff571f74bc3cca9",
+    "pynetdicom.transport.AssociationServer.service_actions":  # (o) full collection once a minute
+        "0a0853a3615ac7c5260a57dcdc8b0e9908d655919b7d64737c89534869758873",
 }
 
 
