@@ -1,7 +1,8 @@
 """QIDO-RS: search for studies, series and instances (PS3.18 10.6), the node's SRs included.
 
-Results are the indexed attributes of each match, the attributes asked for by ``includefield``
-(read from a representative file's header when the index does not hold them) and a RetrieveURL
+Results are the indexed attributes of each match, the attributes PS3.18 returns by default and
+those asked for by ``includefield`` (read from a representative file's header when the index
+does not hold them), InstanceAvailability and a RetrieveURL
 pointing at our WADO-RS, so a viewer can go straight from a search to the SR.
 """
 
@@ -45,6 +46,17 @@ def retrieve_url(root: str, attrs: dict[str, Any], level: str) -> str:
     return url
 
 
+#: Attributes PS3.18 returns by default (Tables 6.7.1-2, -2a, -2b) that the index does not hold:
+#: read from the record's representative file when it has them (viewers such as OHIF show them).
+HEADER_DEFAULTS: dict[str, frozenset[str]] = {
+    "study": frozenset({"StudyTime", "StudyID", "ReferringPhysicianName", "PatientBirthDate", "PatientSex",
+                        "TimezoneOffsetFromUTC"}),
+    "series": frozenset({"SeriesDate", "SeriesTime", "PerformedProcedureStepStartDate",
+                         "PerformedProcedureStepStartTime", "TimezoneOffsetFromUTC"}),
+    "instance": frozenset({"Rows", "Columns", "BitsAllocated", "NumberOfFrames", "TimezoneOffsetFromUTC"}),
+}
+
+
 def _header(record: Record) -> Dataset | None:
     try:
         return pydicom.dcmread(record.path, stop_before_pixels=True)
@@ -59,7 +71,8 @@ def to_json(record: Record, query: Query, level: str, root: str) -> dict[str, An
     for kw, value in record.attrs.items():
         setattr(ds, kw, "" if value is None else value)
     ds.RetrieveURL = retrieve_url(root, record.attrs, level)
-    extra = query.include - set(record.attrs)
+    ds.InstanceAvailability = "ONLINE"
+    extra = (query.include | HEADER_DEFAULTS[level]) - set(record.attrs)
     if extra or query.include_all:
         hdr = _header(record)
         if hdr is not None:

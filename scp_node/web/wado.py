@@ -1,8 +1,10 @@
-"""WADO-RS: instances exactly as stored, and their metadata as DICOM JSON (PS3.18 10.4).
+"""WADO-RS: instances exactly as stored, their metadata as DICOM JSON, frames and bulk data (PS3.18 10.4).
 
 Instances are streamed from the files byte for byte (the same bytes the sender gave us, or the
 SR as the node wrote it): no decoding, no transcoding.  A request for a transfer syntax other
-than the stored one is answered 406, never with silently different bytes.
+than the stored one is answered 406, never with silently different bytes.  Metadata names the
+Pixel Data and large binary values by BulkDataURI; frames and bulk data are served by
+:mod:`.frames` (stored bytes, or decoded to uncompressed for a client that asks only for that).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..store.files import UnsafeUID, check_uid
+from . import frames as _frames
 from .catalog import Record, Scope
 from .context import WebContext
 from .media import DICOM, DICOM_JSON, MULTIPART_RELATED, DicomJSONResponse, MediaType, parse_accept
-from .qido import path_uid
+from .qido import dicomweb_root, path_uid, retrieve_url
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +124,7 @@ def retrieve(request: Request) -> Response:
 
 
 def metadata(request: Request) -> Response:
-    """DICOM JSON of each instance's header; pixel data is left out (no BulkDataURI is offered)."""
+    """DICOM JSON of each instance's header; Pixel Data and binary values over 1 KiB by BulkDataURI."""
     found = _records(request)
     if isinstance(found, Response):
         return found
@@ -129,11 +132,39 @@ def metadata(request: Request) -> Response:
     if not any(m.type in (DICOM_JSON, "application/json", "application/*", "*/*") for m in accept):
         return DicomJSONResponse({"error": "metadata is served as application/dicom+json"}, status_code=406)
     out = []
+    root = dicomweb_root(request)
     for r in found:
         try:
             ds = pydicom.dcmread(r.path, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - say which failed without its content
             log.exception("WADO-RS metadata: cannot read a stored file")
             return DicomJSONResponse({"error": "cannot read a stored instance"}, status_code=500)
-        out.append(ds.to_json_dict(suppress_invalid_tags=True))
+        url = retrieve_url(root, r.attrs, "instance")
+        out.append(_frames.metadata_json(ds, url, r.transfer_syntax))
     return DicomJSONResponse(out)
+
+
+def _instance(request: Request) -> Record | Response:
+    found = _records(request)
+    if isinstance(found, Response):
+        return found
+    record = found[0]
+    if not record.path.is_file():
+        log.error("WADO-RS: an indexed file is missing from the store")
+        return DicomJSONResponse({"error": "stored file missing"}, status_code=500)
+    if not _servable(record):
+        log.error("WADO-RS: an indexed instance has an invalid stored transfer syntax; not served")
+        return DicomJSONResponse({"error": "stored transfer syntax is not a valid UID"}, status_code=500)
+    return record
+
+
+def frames(request: Request) -> Response:
+    """``.../instances/{i}/frames/{n[,m...]}``: pixel data frames (see :mod:`.frames`)."""
+    record = _instance(request)
+    return record if isinstance(record, Response) else _frames.frames_response(request, record)
+
+
+def bulkdata(request: Request) -> Response:
+    """``.../instances/{i}/bulkdata/{path}``: the value a metadata BulkDataURI names."""
+    record = _instance(request)
+    return record if isinstance(record, Response) else _frames.bulk_response(request, record)

@@ -1,5 +1,6 @@
 // Open a study in OHIF as a radiologist would, open the SR series, and report what is shown.
-// Usage: node drive_ohif.js CONFIG_JSON   (url, studyUID, outDir, chromium, puppeteerDir, label)
+// Usage: node drive_ohif.js CONFIG_JSON   (url, studyUID, outDir, chromium, puppeteerDir, label; query:
+// appended to the viewer URL, e.g. "&token=..." for a data source that wants a bearer token)
 // Prints one JSON line: {ok, annotations, svgText, overlay, body, viewports, screenshots, steps, errors}.
 'use strict';
 const path = require('path');
@@ -66,7 +67,8 @@ async function waitPainted(page, what) {
     page.on('pageerror', e => errors.push(String(e).slice(0, 300)));
     page.on('console', m => { if (m.type() === 'error') errors.push(('console: ' + m.text()).slice(0, 300)); });
     page.on('requestfailed', r => errors.push(('requestfailed: ' + (r.failure() && r.failure().errorText) + ' ' + r.url().slice(-60))));
-    await page.goto(`${cfg.url}/viewer?StudyInstanceUIDs=${cfg.studyUID}`, { waitUntil: 'domcontentloaded', timeout: 60000 });
+    page.on('response', r => { if (r.status() >= 400) errors.push(`HTTP ${r.status()} ${r.request().method()} ${r.url().replace(/token=[^&]*/, 'token=...').slice(-90)}`); });
+    await page.goto(`${cfg.url}/viewer?StudyInstanceUIDs=${cfg.studyUID}${cfg.query || ''}`, { waitUntil: 'domcontentloaded', timeout: 60000 });
     steps.push('loaded viewer');
     // wait for the study browser thumbnails
     await page.waitForFunction(() => document.querySelectorAll('[data-cy^="study-browser-thumbnail"]').length >= 2, { timeout: 60000 });

@@ -1,8 +1,12 @@
-"""Same-origin host for OHIF: its static build plus a reverse proxy to Orthanc's /dicom-web.
+"""Host for OHIF: its static build, plus a same-origin reverse proxy to Orthanc's /dicom-web.
 
-Why a proxy: OHIF fetches DICOMweb with XHR/fetch; serving the viewer and /dicom-web from one
-origin means no CORS configuration in Orthanc and no browser flags. Absolute URLs that Orthanc
-writes into DICOM JSON (its own host:port) are rewritten to this origin for the same reason.
+Why a proxy for Orthanc: OHIF fetches DICOMweb with XHR/fetch; serving the viewer and /dicom-web
+from one origin means no CORS configuration in Orthanc and no browser flags. Absolute URLs that
+Orthanc writes into DICOM JSON (its own host:port) are rewritten to this origin for the same reason.
+
+``direct=True`` is the other way a site runs it: OHIF's data source points straight at the
+node's DICOMweb root on another origin (the node answers CORS for this origin, the bearer token
+comes with the viewer URL's ``token`` parameter); nothing is proxied.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ mimetypes.add_type("application/javascript", ".js")
 mimetypes.add_type("font/woff2", ".woff2")
 
 
-def app_config(data_source_root: str = "/dicom-web") -> str:
+def app_config(data_source_root: str = "/dicom-web", name: str = "orthanc", friendly: str = "Orthanc (test PACS)",
+               include_field: bool = False) -> str:
     """OHIF window.config with one DICOMweb data source (WADO-RS rendering, no pop-up dialogs)."""
     config = {
         "routerBasename": "/",
@@ -33,17 +38,17 @@ def app_config(data_source_root: str = "/dicom-web") -> str:
         "showCPUFallbackMessage": False,
         "showLoadingIndicator": True,
         "investigationalUseDialog": {"option": "never"},
-        "defaultDataSourceName": "orthanc",
+        "defaultDataSourceName": name,
         "dataSources": [{
             "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
-            "sourceName": "orthanc",
+            "sourceName": name,
             "configuration": {
-                "friendlyName": "Orthanc (test PACS)",
-                "name": "orthanc",
+                "friendlyName": friendly,
+                "name": name,
                 "wadoUriRoot": data_source_root,
                 "qidoRoot": data_source_root,
                 "wadoRoot": data_source_root,
-                "qidoSupportsIncludeField": False,
+                "qidoSupportsIncludeField": include_field,
                 "imageRendering": "wadors",
                 "thumbnailRendering": "wadors",
                 "enableStudyLazyLoad": True,
@@ -58,11 +63,18 @@ def app_config(data_source_root: str = "/dicom-web") -> str:
 
 
 class OhifServer:
-    """Serve ``dist`` and proxy ``/dicom-web`` to ``orthanc_url`` on a loopback port."""
+    """Serve ``dist`` and proxy ``/dicom-web`` to ``orthanc_url`` on a loopback port.
 
-    def __init__(self, dist: Path, orthanc_url: str, port: int) -> None:
+    With ``direct=True``, ``orthanc_url`` is any DICOMweb service (the node) that OHIF calls
+    itself at ``orthanc_url + "/dicom-web"``, cross-origin; nothing is proxied.
+    """
+
+    def __init__(self, dist: Path, orthanc_url: str, port: int, direct: bool = False) -> None:
         self.dist, self.orthanc_url, self.port = dist, orthanc_url.rstrip("/"), port
         self.origin = f"http://127.0.0.1:{port}"
+        self.config_js = (app_config(self.orthanc_url + "/dicom-web", "scpnode", "scp_node", include_field=True)
+                          if direct else app_config())
+        self.direct = direct
         handler = self._handler()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -94,10 +106,10 @@ class OhifServer:
 
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
-                if path.startswith("/dicom-web/"):
+                if path.startswith("/dicom-web/") and not server.direct:
                     return self._proxy()
                 if path == "/app-config.js":
-                    return self._send(200, app_config().encode(), "application/javascript")
+                    return self._send(200, server.config_js.encode(), "application/javascript")
                 file = (server.dist / path.lstrip("/")).resolve()
                 if server.dist.resolve() not in file.parents or not file.is_file():
                     file = server.dist / "index.html"  # single-page app routes (/viewer?...)

@@ -1,8 +1,16 @@
 """The SR in OHIF Viewer, as a radiologist opens it: study, guided tour away, SR series, region.
 
-OHIF is the prebuilt static ``dist/`` of the npm package ``@ohif/app`` 3.13 (no build), served with
-a same-origin proxy to Orthanc's DICOMweb; headless Debian ``chromium`` is driven by
-``puppeteer-core`` (``drive_ohif.js``). Screenshots are kept under ``test-artifacts/viewer``.
+OHIF is the prebuilt static ``dist/`` of the npm package ``@ohif/app`` 3.13 (no build); headless
+Debian ``chromium`` is driven by ``puppeteer-core`` (``drive_ohif.js``). Each test runs two ways:
+
+* ``orthanc``: the images and the SR in Orthanc, OHIF served with a same-origin proxy to
+  Orthanc's DICOMweb (the PACS a site already has);
+* ``node``: OHIF's data source points straight at the node's DICOMweb (the real app over a real
+  index, the SR recorded as the node's own report), cross-origin with ``[web] cors_origins`` and
+  the bearer token in the viewer URL's ``token`` parameter: nothing in between.
+
+Screenshots are kept under ``test-artifacts/viewer`` (``cxr-*``/``ct-*``: Orthanc;
+``cxr-node-*``/``ct-node-*``: the node).
 
 Skips cleanly when chromium, the OHIF build or puppeteer-core are missing and CI is unset; in CI
 a missing piece fails. Install (see .ci/run)::
@@ -19,7 +27,9 @@ import json
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pydicom
 import pytest
@@ -37,6 +47,7 @@ CXR = CXR_MONO1
 from tests.support.net import free_port
 from tests.support.orthanc import DICOMWEB_PLUGIN, start_orthanc
 from tests.viewer.ohif_server import OhifServer
+from tests.web.conftest import TOKEN, serve_in_process
 
 pytestmark = pytest.mark.integration
 
@@ -68,11 +79,11 @@ def tools() -> dict[str, str]:
     return {"chromium": str(chromium), "node": str(node)}
 
 
-def _drive(tools: dict[str, str], url: str, study_uid: str, label: str, tmp: Path) -> dict:
+def _drive(tools: dict[str, str], url: str, study_uid: str, label: str, tmp: Path, query: str = "") -> dict:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     config = {"url": url, "studyUID": study_uid, "outDir": str(ARTIFACTS), "label": label,
               "chromium": tools["chromium"], "puppeteerDir": str(CACHE),
-              "userDataDir": str(tmp / f"chromium-{label}")}
+              "userDataDir": str(tmp / f"chromium-{label}"), "query": query}
     run = subprocess.run([tools["node"], str(DRIVER), json.dumps(config)], capture_output=True,
                          text=True, timeout=180, check=False)
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
@@ -86,7 +97,72 @@ def _node() -> ReportingNode:
     return ReportingNode(ae_title="SCPNODE", station_name="SCPNODE-01")
 
 
-def test_cxr_region_in_ohif(tools, tmp_path):
+@pytest.fixture(params=["orthanc", "node"])
+def via(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _stow(root: str, files: list[Path]) -> None:
+    import requests
+
+    boundary = "ohif-test-boundary"
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes()
+                    + b"\r\n" for f in files) + b"--" + boundary.encode() + b"--\r\n"
+    rsp = requests.post(root + "/studies", data=body, timeout=120, headers={
+        "Authorization": f"Bearer {TOKEN}",
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert rsp.status_code == 200, rsp.text[:500]
+
+
+def _as_the_nodes_report(storage: Path, db_path: Path, sr_file: Path) -> None:
+    """Record ``sr_file`` as this node's own SR of its series (as the analysis queue does)."""
+    from scp_node.store.db import Database
+    from scp_node.store.models import AnalysisJob, Report, Series
+
+    sr = pydicom.dcmread(sr_file, stop_before_pixels=True)
+    rel = Path(sr.StudyInstanceUID, sr.SeriesInstanceUID, f"{sr.SOPInstanceUID}.dcm")
+    (storage / rel).parent.mkdir(parents=True)
+    shutil.copyfile(sr_file, storage / rel)
+    referenced = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID
+    db = Database(f"sqlite:///{db_path}")
+    try:
+        with db.session() as s:
+            series = s.query(Series).filter(Series.series_instance_uid == referenced).one()
+            job = AnalysisJob(series=series, series_version=1)
+            s.add(Report(job=job, sop_instance_uid=sr.SOPInstanceUID, series_instance_uid=sr.SeriesInstanceUID,
+                         study_instance_uid=sr.StudyInstanceUID, path=rel.as_posix(), model_name="test"))
+    finally:
+        db.dispose()
+
+
+@contextmanager
+def _viewer(via: str, tmp_path: Path, images: list[Path], sr: Path) -> Iterator[tuple[OhifServer, str]]:
+    """OHIF with the images and the SR behind it, ``via`` Orthanc or the node; yields the viewer
+    and what its URL needs besides the study (the node's token)."""
+    port = free_port()
+    if via == "orthanc":
+        orthanc = start_orthanc(tmp_path / "orthanc", {})
+        try:
+            for path in images + [sr]:
+                orthanc.upload(path)
+            with OhifServer(DIST, orthanc.url, port) as server:
+                yield server, ""
+        finally:
+            orthanc.stop()
+        return
+    node = serve_in_process(tmp_path / "node", cors_origins=(f"http://127.0.0.1:{port}",))
+    try:
+        _stow(node.root, images)
+        _as_the_nodes_report(node.storage_dir, node.db_path, sr)
+        with OhifServer(DIST, node.url, port, direct=True) as server:
+            yield server, f"&token={TOKEN}"
+    finally:
+        node.server.stop()
+    unauthorized = node.audit("web.unauthorized")
+    assert not unauthorized, unauthorized[:3]  # every request OHIF made carried the token
+
+
+def test_cxr_region_in_ohif(tools, tmp_path, via):
     source = pydicom.dcmread(CXR, stop_before_pixels=True)
     result = _make_result([source], "{}", test_model=False)
     region = region_for([400, 100, 700, 450], None, [PadTransform.for_shape(int(source.Rows), int(source.Columns))])
@@ -94,14 +170,9 @@ def test_cxr_region_in_ohif(tools, tmp_path):
         findings=(Finding("pleural_effusion", "Right pleural effusion.", "right lower lobe", 42.0, region),),
         impression="Right pleural effusion.", triage="abnormal")
     sr = write_report(build_measurement_report([source], result, node=_node()), tmp_path / "sr.dcm")
-    orthanc = start_orthanc(tmp_path / "orthanc", {})
-    try:
-        orthanc.upload(CXR)
-        orthanc.upload(sr)
-        with OhifServer(DIST, orthanc.url, free_port()) as server:
-            shown = _drive(tools, server.origin, str(source.StudyInstanceUID), "cxr", tmp_path)
-    finally:
-        orthanc.stop()
+    label = "cxr" if via == "orthanc" else f"cxr-{via}"
+    with _viewer(via, tmp_path, [CXR], sr) as (server, query):
+        shown = _drive(tools, server.origin, str(source.StudyInstanceUID), label, tmp_path, query)
     report = json.dumps(shown, indent=1, ensure_ascii=False)[:4000]
     assert shown["ok"], report  # an SVG annotation (the SCOORD rectangle) is drawn
     assert "SR image painted" in shown["steps"], report  # on the referenced image, painted
@@ -114,7 +185,7 @@ def test_cxr_region_in_ohif(tools, tmp_path):
 CT_FIRST, CT_COUNT, CT_REGION_INDEX = 60, 20, 9
 
 
-def test_ct_region_on_its_slice_in_ohif(tools, tmp_path):
+def test_ct_region_on_its_slice_in_ohif(tools, tmp_path, via):
     headers = {}
     for path in CT_SERIES.glob("*.dcm"):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -131,15 +202,9 @@ def test_ct_region_on_its_slice_in_ohif(tools, tmp_path):
                           ImageRegion(CT_REGION_INDEX, (0, 0, 0, 0), 185.0, 137.0, 245.0, 197.0)),),
         impression="Right middle lobe mass.", triage="abnormal")
     sr = write_report(build_measurement_report(series, result, node=_node()), tmp_path / "sr.dcm")
-    orthanc = start_orthanc(tmp_path / "orthanc", {})
-    try:
-        for path in paths:
-            orthanc.upload(path)
-        orthanc.upload(sr)
-        with OhifServer(DIST, orthanc.url, free_port()) as server:
-            shown = _drive(tools, server.origin, str(target.StudyInstanceUID), "ct", tmp_path)
-    finally:
-        orthanc.stop()
+    label = "ct" if via == "orthanc" else f"ct-{via}"
+    with _viewer(via, tmp_path, paths, sr) as (server, query):
+        shown = _drive(tools, server.origin, str(target.StudyInstanceUID), label, tmp_path, query)
     report = json.dumps(shown, indent=1, ensure_ascii=False)[:4000]
     assert shown["ok"], report  # the SCOORD rectangle is drawn as an SVG annotation
     assert "SR image painted" in shown["steps"], report

@@ -44,14 +44,15 @@ class WebNode:
 
 
 def serve_in_process(tmp_path: Path, *, max_body_bytes: int = 2 * 1024**3,
-                     tls: tuple[str, str] | None = None) -> WebNode:
+                     tls: tuple[str, str] | None = None, cors_origins: tuple[str, ...] = ()) -> WebNode:
     db_path = tmp_path / "index.db"
     db = Database(f"sqlite:///{db_path}")
     audit = AuditTrail(db, b"k" * 32)
     storage = tmp_path / "storage"
     ingestor = Ingestor(db, storage, audit, "keep_first")
     web = WebConfig(host="127.0.0.1", port=free_port(), token_sha256=(token_sha256(TOKEN),),
-                    max_body_bytes=max_body_bytes, tls_cert=tls[0] if tls else "", tls_key=tls[1] if tls else "")
+                    max_body_bytes=max_body_bytes, tls_cert=tls[0] if tls else "", tls_key=tls[1] if tls else "",
+                    cors_origins=cors_origins)
     server = WebServer(create_app(web, db, audit, ingestor, tmp_path / "spool"), web)
     server.start()
     scheme = "https" if tls else "http"
