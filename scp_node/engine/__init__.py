@@ -26,6 +26,7 @@ _LAZY = {
     "DEFAULT_PROMPT_PROFILES": ".prompts",
     "PromptProfile": ".prompts",
     "build_messages": ".prompts",
+    "extraction_messages": ".prompts",
     "profile_for_modality": ".prompts",
 }
 
@@ -44,7 +45,8 @@ __all__ = [
 if TYPE_CHECKING:
     from .medgemma import EngineError, GenerationOutput, MedGemmaEngine
     from .preprocess import PadTransform, PreparedSeries, SeriesNotAnalysed, SeriesSkipped, prepare_series
-    from .prompts import DEFAULT_PROMPT_PROFILES, PromptProfile, build_messages, profile_for_modality
+    from .prompts import (DEFAULT_PROMPT_PROFILES, PromptProfile, build_messages, extraction_messages,
+                          profile_for_modality)
     from .testmodel import TEST_MODEL_MARKER, make_test_model
 
 

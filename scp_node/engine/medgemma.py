@@ -15,12 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import copy
+import dataclasses
 import json
 import logging
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -68,6 +69,10 @@ class GenerationOutput:
     generated_tokens: int  #: new tokens produced (including a final end-of-turn token)
     input_tokens: int  #: prompt length incl. image tokens
     seconds: float
+    #: ``keep_cache`` (one conversation): its KV cache, prompt ids and new ids, for a next turn.
+    cache: Any = field(default=None, repr=False, compare=False)
+    prompt_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
+    new_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -173,6 +178,9 @@ class MedGemmaEngine:
         self.answer_mode = answer_mode
         self.structured = answer_mode != "free"  #: whether answers go through the findings grammar
         self.thinking = thinking
+        #: "report" mode, one series at a time: the extraction turn continues from the report turn's
+        #: KV cache (see :meth:`continue_turn`) instead of encoding the images and the report again.
+        self.reuse_cache = True
         self.language = language
         self.max_batch = max_batch
         self.compile = compile
@@ -339,12 +347,13 @@ class MedGemmaEngine:
         return output
 
     def generate_batch(self, conversations: Sequence[list[dict[str, Any]]], schemas: Sequence[str | None],
-                       max_new_tokens: int | None = None) -> list[GenerationOutput]:
+                       max_new_tokens: int | None = None, keep_cache: bool = False) -> list[GenerationOutput]:
         """Greedy generation for several chats at once (left padding); one answer per chat.
 
         Rows with a schema are grammar-constrained (:mod:`.grammar`); rows without one are not. Raises
-        SeriesSkipped when a prompt exceeds the model's context, torch.OutOfMemoryError on CUDA OOM
-        (the caller halves the batch).
+        SeriesNotAnalysed when a prompt exceeds the model's context, torch.OutOfMemoryError on CUDA OOM
+        (the caller halves the batch). ``keep_cache`` (one conversation, dynamic cache): the output
+        keeps its KV cache and token ids, so that a next turn can continue from them.
         """
         self.load()
         if len(conversations) != len(schemas) or not conversations:
@@ -374,8 +383,14 @@ class MedGemmaEngine:
             if any(s is None for s in schemas):
                 raise ValueError("a batch is either grammar-constrained in every row or in none")
             processors.append(self._grammar_factory().processor(list(schemas)))
+        keep = keep_cache and len(conversations) == 1 and not self.compile
+        config.return_dict_in_generate = keep
         with torch.inference_mode():
             output = model.generate(**inputs, generation_config=config, logits_processor=processors)
+        cache = None
+        if keep:
+            cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+            output = output.sequences
         seconds = time.perf_counter() - start
         pad = processor.tokenizer.pad_token_id
         start_id, end_id = self._token_id(THINKING_START), self._token_id(THINKING_END)
@@ -385,10 +400,63 @@ class MedGemmaEngine:
             generated = len([t for t in new_ids if t != pad])
             kept = drop_thinking_ids(new_ids, start_id, end_id)
             text = strip_thinking_trace(processor.tokenizer.decode(kept, skip_special_tokens=True))
+            kept_ids: dict[str, Any] = {}
+            if cache is not None:
+                kept_ids = dict(cache=cache, prompt_ids=tuple(int(t) for t in output[row, :padded].tolist()),
+                                new_ids=tuple(new_ids))
             results.append(GenerationOutput(text=text, generated_tokens=generated, input_tokens=length,
-                                            seconds=seconds))
+                                            seconds=seconds, **kept_ids))
         del inputs, output
         return results
+
+    def continue_turn(self, first: GenerationOutput, conversation: list[dict[str, Any]], schema: str | None,
+                      max_new_tokens: int) -> GenerationOutput | None:
+        """The next turn of ``first``'s conversation from its KV cache: only the new tokens are
+        prefilled (the images and the report are not encoded again). ``conversation`` is the whole
+        next-turn conversation (:func:`.prompts.extraction_messages`); the cached tokens are used only
+        when they are exactly the tokens that conversation renders to, else None (the caller then
+        generates from the rendered conversation). Not for thinking traces (the conversation holds
+        the report without its trace) nor for an answer cut off before its end-of-turn token.
+        """
+        tokenizer = self._processor.tokenizer
+        eot = self._token_id("<end_of_turn>")
+        thinking = {self._token_id(THINKING_START), self._token_id(THINKING_END)} - {None}
+        new_ids = list(first.new_ids)
+        if first.cache is None or not new_ids or eot is None or thinking & set(new_ids):
+            return None
+        stops = set(self._generation_config(1).eos_token_id)
+        # The cache holds the prompt and every new token but the last; a report cut off by its budget
+        # gets its end-of-turn token here, as the chat template writes one after the report.
+        report_ids = new_ids[:-1] if new_ids[-1] in stops else new_ids
+        report = first.text.strip()
+        text = self._processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        marker = report + "<end_of_turn>"
+        at = text.rfind(marker)
+        if not report or at < 0:
+            return None
+        # The chat template renders "<start_of_turn>model\n" + report + "<end_of_turn>": the report's
+        # text must tokenize to exactly the generated ids (text between special tokens is tokenized
+        # on its own, so "model\n" + report is checked as one piece).
+        def ids(piece: str) -> list[int]:
+            return list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        if ids("model\n" + report) != ids("model\n") + report_ids:
+            return None
+        suffix = ids(text[at + len(marker):])
+        start = time.perf_counter()
+        sequence = list(first.prompt_ids) + report_ids + [eot] + suffix
+        input_ids = torch.tensor([sequence], device=self._device)
+        config = self._generation_config(max_new_tokens)
+        processors = [self._grammar_factory().processor([schema])] if schema is not None else []
+        with torch.inference_mode():
+            output = self._model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                          cache=first.cache, generation_config=config,
+                                          logits_processor=processors)
+        new = [int(t) for t in output[0, len(sequence):].tolist()]
+        pad = tokenizer.pad_token_id
+        kept = drop_thinking_ids(new, self._token_id(THINKING_START), self._token_id(THINKING_END))
+        text_out = strip_thinking_trace(tokenizer.decode(kept, skip_special_tokens=True))
+        return GenerationOutput(text=text_out, generated_tokens=len([t for t in new if t != pad]),
+                                input_tokens=len(sequence), seconds=time.perf_counter() - start)
 
     def _grammar_factory(self) -> Any:
         """xgrammar for this tokenizer, built on first structured use (so ``structured = false`` runs
@@ -507,16 +575,26 @@ class MedGemmaEngine:
         second, grammar-constrained call for the extraction turn. A report already written (the group
         was split after an out-of-memory in the second turn) is not written again."""
         todo = [j for j in group if j.first is None]
+        reuse = self.answer_mode == "report" and self.reuse_cache and len(group) == 1
         if todo:
             limit = max(j.limit for j in todo)
             for job, output in zip(todo, self.generate_batch([j.messages for j in todo], [j.schema for j in todo],
-                                                             limit)):
+                                                             limit, keep_cache=reuse)):
                 job.first = output
         if self.answer_mode != "report":
             return [j.first for j in group]  # type: ignore[misc]
         conversations = [extraction_messages(j.messages, j.first.text, j.language,  # type: ignore[union-attr]
                                              localisation=j.localisation, n_images=len(j.prepared.images))
                          for j in group]
+        if reuse:
+            [job] = group
+            try:
+                continued = self.continue_turn(job.first, conversations[0], job.extraction_schema,  # type: ignore[arg-type]
+                                               job.extraction_limit)
+            finally:
+                job.first = dataclasses.replace(job.first, cache=None)  # type: ignore[arg-type]  # free it
+            if continued is not None:
+                return [continued]
         limit = max(j.extraction_limit for j in group)
         return self.generate_batch(conversations, [j.extraction_schema for j in group], limit)
 

@@ -97,3 +97,41 @@ def test_other_modes_have_one_turn(engine, structured_engine) -> None:  # type: 
     assert structured.answer_mode == "structured" and structured.structured is not None
     assert [t.name for t in structured.turns] == ["answer"]
     assert structured.turns[0].new_tokens == structured.generated_tokens
+
+
+def test_extraction_continues_from_the_report_turns_kv_cache(model_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """One series: the extraction turn prefills only its new tokens (not the image and the report
+    again) and answers exactly as the re-rendered conversation does."""
+    path = need(XRAY_DIR / "CR-MONO1-10-chest_barre.dcm")
+    results, used = {}, []
+    for reuse in (True, False):
+        eng = MedGemmaEngine(model_dir, device="cpu", max_new_tokens=12, schema_bounds=SchemaBounds(**SMALL_BOUNDS))
+        eng.reuse_cache = reuse
+        real = eng.continue_turn
+
+        def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+            out = real(*args, **kwargs)
+            used.append(out is not None)
+            return out
+
+        monkeypatch.setattr(eng, "continue_turn", spy)
+        results[reuse] = eng.analyse_series([path])
+    assert used == [True]  # the cache was used once (reuse on), never with reuse off
+    cached, rendered = results[True], results[False]
+    assert cached.findings_text == rendered.findings_text and cached.structured == rendered.structured
+    assert [(t.name, t.input_tokens, t.new_tokens) for t in cached.turns] == \
+        [(t.name, t.input_tokens, t.new_tokens) for t in rendered.turns]
+
+
+def test_continue_turn_refuses_what_it_cannot_reproduce(report_engine) -> None:  # type: ignore[no-untyped-def]
+    from scp_node.engine.medgemma import GenerationOutput
+
+    messages = build_messages(_prepared("CR", 1), profile_for_modality("CR"))
+    conversation = extraction_messages(messages, "No acute finding.", "en")
+    no_cache = GenerationOutput("No acute finding.", 4, 300, 0.1)
+    assert report_engine.continue_turn(no_cache, conversation, None, 8) is None
+    [first] = report_engine.generate_batch([messages], [None], 6, keep_cache=True)
+    start, end = report_engine._token_id("<unused94>"), report_engine._token_id("<unused95>")
+    trace = GenerationOutput(first.text, 6, first.input_tokens, 0.1, cache=first.cache,
+                             prompt_ids=first.prompt_ids, new_ids=(start, 5, end) + first.new_ids)  # a thinking trace
+    assert report_engine.continue_turn(trace, conversation, None, 8) is None
