@@ -246,6 +246,9 @@ class WebConfig:
     keep_alive_seconds: float = 5.0
     #: Most HTTP connections open at once; beyond it new requests are answered 503.
     max_connections: int = 64
+    #: The header timeout and the 503 of our own need scp_node.web.uvicorn_internals (uvicorn's
+    #: protocol class); false runs uvicorn's own protocol (keep-alive and a concurrency limit only).
+    connection_guard: bool = True
     #: PEM certificate and key; both set means HTTPS. Relative paths: from the config file's folder.
     tls_cert: str = ""
     tls_key: str = ""
@@ -290,6 +293,43 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class HL7Destination:
+    """A HIS/RIS that gets an HL7 v2.5.1 ORU^R01 (result status P) for every SR, over MLLP
+    (``[[hl7_destinations]]``); queued, retried and dead-lettered like the DICOM exports."""
+
+    name: str
+    host: str
+    port: int
+    #: MSH-3/4 (who sends) and MSH-5/6 (who receives); the RIS's interface usually checks them.
+    sending_application: str = "SCPNODE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    #: MLLP over TLS: verify the receiver against ``tls_ca`` (PEM; empty: the system store);
+    #: ``tls_cert``/``tls_key``: our client certificate when it asks for one.
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: ACK codes (MSA-1) that put the export in the dead letter at once instead of retrying it:
+    #: AE (application error: the content was refused, a resend repeats it) by default; AR
+    #: (application reject: the receiver could not take it now) is retried.
+    dead_letter_acks: tuple[str, ...] = ("AE",)
+    #: Seconds to connect, send and get the ACK; no ACK in time is a failure that is retried.
+    ack_timeout_seconds: float = 30.0
+    #: Routing rule as for [[destinations]]: only SRs of series with one of these modalities.
+    modalities: tuple[str, ...] = ()
+    kind: str = "hl7"
+
+    @property
+    def ae_title(self) -> str:  # the export queue's audit names a destination's AE title
+        return ""
+
+    def wants(self, modality: str) -> bool:
+        return not self.modalities or modality.upper() in self.modalities
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``source`` is the file it came from (None for defaults)."""
 
@@ -304,6 +344,8 @@ class Config:
     destinations: tuple[Destination, ...] = ()
     source: Path | None = None
     web: WebConfig | None = None
+    #: ``[[hl7_destinations]]``: ORU^R01 results over MLLP to the HIS/RIS (scp_node.export.hl7).
+    hl7_destinations: tuple[HL7Destination, ...] = ()
 
     @property
     def var_dir(self) -> Path:
@@ -446,7 +488,7 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     """Build a :class:`Config` from parsed TOML data (plus environment overrides)."""
     data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
     _apply_env(data, os.environ if environ is None else environ)
-    unknown = set(data) - set(_SECTIONS) - set(_OPTIONAL_SECTIONS) - {"peers", "destinations"}
+    unknown = set(data) - set(_SECTIONS) - set(_OPTIONAL_SECTIONS) - {"peers", "destinations", "hl7_destinations"}
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
     sections = {name: _coerce(name, cls, data.get(name, {}), base) for name, cls in _SECTIONS.items()}
@@ -498,7 +540,50 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
         dests.append(dataclasses.replace(dest, modalities=modalities))
     if len({d.name for d in dests}) != len(dests):
         raise ConfigError("[[destinations]] names must be unique")
-    return Config(peers=tuple(peers), destinations=tuple(dests), source=source, web=web, **sections)
+    hl7 = tuple(_hl7_destination(i, d, base) for i, d in enumerate(_tables(data, "hl7_destinations")))
+    names = [d.name for d in dests] + [h.name for h in hl7]
+    if len(set(names)) != len(names):
+        raise ConfigError("[[hl7_destinations]] names must be unique and differ from the [[destinations]] names "
+                          "(an export is queued under its destination's name)")
+    return Config(peers=tuple(peers), destinations=tuple(dests), source=source, web=web,
+                  hl7_destinations=hl7, **sections)
+
+
+def _hl7_destination(i: int, d: Mapping[str, Any], base: Path) -> HL7Destination:
+    """One ``[[hl7_destinations]]`` table: name, host, port; MSH names, TLS, ACK handling, routing."""
+    where = f"[[hl7_destinations]] #{i + 1}"
+    known = {f.name for f in fields(HL7Destination)} - {"kind"}
+    extra = set(d) - known
+    if extra:
+        raise ConfigError(f"{where}: unknown keys {sorted(extra)} (known: {', '.join(sorted(known))})")
+    for key in ("name", "host"):
+        if not isinstance(d.get(key), str) or not d[key].strip():
+            raise ConfigError(f"{where} needs {key} (a string)")
+    port = d.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"{where} ({d['name']}): port = {port!r} is not a TCP port")
+    kwargs: dict[str, Any] = {}
+    for key in ("sending_application", "sending_facility", "receiving_application", "receiving_facility"):
+        if key in d:
+            value = d[key]
+            if not isinstance(value, str) or len(value) > 180 or any(c in value for c in "|^~\\&\r\n"):
+                raise ConfigError(f"{where} ({d['name']}): {key} must be a string of at most 180 characters "
+                                  "without HL7 delimiters (| ^ ~ \\ &)")
+            kwargs[key] = value
+    timeout = d.get("ack_timeout_seconds", 30.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"{where} ({d['name']}): ack_timeout_seconds must be a positive number")
+    kwargs["ack_timeout_seconds"] = float(timeout)
+    acks = d.get("dead_letter_acks", ["AE"])
+    if not isinstance(acks, list) or not all(isinstance(a, str) and a.upper() in ("AE", "AR") for a in acks):
+        raise ConfigError(f"{where} ({d['name']}): dead_letter_acks must be a list of 'AE' / 'AR'")
+    try:
+        tls = _destination_tls(i, d, base)
+        modalities = _modalities(i, d.get("modalities", []))
+    except ConfigError as exc:  # those helpers name [[destinations]]
+        raise ConfigError(str(exc).replace("[[destinations]]", "[[hl7_destinations]]")) from None
+    return HL7Destination(name=d["name"].strip(), host=d["host"].strip(), port=port,
+                          dead_letter_acks=tuple(a.upper() for a in acks), modalities=modalities, **tls, **kwargs)
 
 
 def _modalities(i: int, value: Any) -> tuple[str, ...]:

@@ -4,7 +4,7 @@ The listening socket is bound here, synchronously, so "port in use" or a bad TLS
 startup error the admin sees at once instead of a thread dying quietly.  uvicorn's access log is
 off: its lines carry query strings, and a QIDO query string may carry a PatientID.
 
-Connections are bounded (:class:`GuardedH11Protocol`, ``[web]`` keys):
+Connections are bounded (``[web]`` keys; the protocol is :mod:`.uvicorn_internals`):
 
 - ``header_timeout_seconds``: a connection must deliver a complete request head within this
   (from when it opened, or from the first byte of a later request on a kept-alive connection);
@@ -30,13 +30,12 @@ import threading
 import time
 from typing import Any, Hashable
 
-import h11
 import uvicorn
 from starlette.types import ASGIApp
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..config import WebConfig
 from .auth import AuditRateLimit, BearerAuth
+from .uvicorn_internals import guarded_protocol
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +45,6 @@ WEB_CONNECTION_CLOSED = "web.connection_closed"
 #: row per interval carries the count.
 CLOSED_ROWS_PER_INTERVAL = 1
 CLOSED_ROW_INTERVAL_SECONDS = 60.0
-
-_SERVICE_UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                        b"content-length: 19\r\nconnection: close\r\n\r\nService Unavailable")
 
 
 class WebStartError(RuntimeError):
@@ -98,64 +94,6 @@ class ConnectionGuard:
                 self.audit.record(WEB_CONNECTION_CLOSED, outcome="failure", peer=str(peer), detail=detail)
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a request-head timeout and a hard connection limit.
-
-    The header timer runs while the peer owes us a request head (h11's ``their_state`` is IDLE):
-    armed when the connection opens and when bytes of a new request arrive on a kept-alive
-    connection, cancelled as soon as a complete head has been parsed.  Between requests uvicorn's
-    own keep-alive timer applies.  :attr:`guard` is set on a subclass per server.
-    """
-
-    guard: ConnectionGuard
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._header_timer: asyncio.TimerHandle | None = None
-        if len(self.connections) > self.guard.max_connections:
-            transport.write(_SERVICE_UNAVAILABLE)
-            transport.close()
-            self.guard.closed_one("max_connections", self._peer())
-            return
-        self._arm_header_timer()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.transport.is_closing():
-            self._cancel_header_timer()
-        elif self.conn.their_state is h11.IDLE:
-            self._arm_header_timer()  # part of a request head: it must be complete in time
-        else:
-            self._cancel_header_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
-        super().connection_lost(exc)
-
-    def _arm_header_timer(self) -> None:
-        if getattr(self, "_header_timer", None) is None:
-            self._header_timer = self.loop.call_later(self.guard.header_timeout, self._header_timeout)
-
-    def _cancel_header_timer(self) -> None:
-        timer = getattr(self, "_header_timer", None)
-        if timer is not None:
-            timer.cancel()
-            self._header_timer = None
-
-    def _header_timeout(self) -> None:
-        self._header_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
-            return
-        if self.cycle is not None and not self.cycle.response_complete:
-            return  # (cannot be: a request is running only after its head was complete)
-        self.transport.close()
-        self._unset_keepalive_if_required()
-        self.guard.closed_one("header_timeout", self._peer())
-
-    def _peer(self) -> str:
-        return self.client[0] if self.client else ""
-
-
 class WebServer:
     """One uvicorn server on ``[web] host:port`` (HTTPS when tls_cert/tls_key are set)."""
 
@@ -164,7 +102,10 @@ class WebServer:
         if audit is None:  # the app's own trail (create_app puts it in app.state.ctx)
             audit = getattr(getattr(getattr(app, "state", None), "ctx", None), "audit", None)
         self.guard = ConnectionGuard(web, audit)
-        protocol = type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": self.guard})
+        # [web] connection_guard = false: uvicorn's own protocol (no header timeout, no 503 of
+        # our own; keep-alive and limit_concurrency still apply) -- the library's path, should
+        # an upgrade of uvicorn break scp_node.web.uvicorn_internals.
+        protocol: Any = guarded_protocol(self.guard) if web.connection_guard else "h11"
         ssl = dict(ssl_certfile=web.tls_cert, ssl_keyfile=web.tls_key) if web.tls_cert else {}
         # limit_concurrency counts the connection asking too (503 at `>=`): one more, so that
         # max_connections connections are served and the 503 comes from GuardedH11Protocol.

@@ -44,7 +44,8 @@ class WebNode:
 
 
 def serve_in_process(tmp_path: Path, *, max_body_bytes: int = 2 * 1024**3,
-                     tls: tuple[str, str] | None = None, cors_origins: tuple[str, ...] = ()) -> WebNode:
+                     tls: tuple[str, str] | None = None, cors_origins: tuple[str, ...] = (),
+                     connection_guard: bool = True) -> WebNode:
     db_path = tmp_path / "index.db"
     db = Database(f"sqlite:///{db_path}")
     audit = AuditTrail(db, b"k" * 32)
@@ -52,15 +53,17 @@ def serve_in_process(tmp_path: Path, *, max_body_bytes: int = 2 * 1024**3,
     ingestor = Ingestor(db, storage, audit, "keep_first")
     web = WebConfig(host="127.0.0.1", port=free_port(), token_sha256=(token_sha256(TOKEN),),
                     max_body_bytes=max_body_bytes, tls_cert=tls[0] if tls else "", tls_key=tls[1] if tls else "",
-                    cors_origins=cors_origins)
+                    cors_origins=cors_origins, connection_guard=connection_guard)
     server = WebServer(create_app(web, db, audit, ingestor, tmp_path / "spool"), web)
     server.start()
     scheme = "https" if tls else "http"
     return WebNode(f"{scheme}://127.0.0.1:{web.port}", db_path, storage, server)
 
 
-@pytest.fixture
-def web_node(tmp_path: Path) -> Iterator[WebNode]:
-    node = serve_in_process(tmp_path)
+@pytest.fixture(params=[True, False], ids=["guarded", "uvicorn-protocol"])
+def web_node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[WebNode]:
+    """The protocol tests run on both HTTP protocols: the guarded one (scp_node.web.uvicorn_internals)
+    and uvicorn's own (``[web] connection_guard = false``), so the guard never changes behaviour."""
+    node = serve_in_process(tmp_path, connection_guard=request.param)
     yield node
     node.server.stop()
