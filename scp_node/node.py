@@ -151,18 +151,24 @@ class Node:
         completion = SeriesCompletion(self.db, self.audit, c.scheduler.series_stable_seconds,
                                       c.scheduler.series_max_wait_seconds)
         analysis_q = AnalysisQueue(self.db, self.audit, c.store.storage_dir, self._engine, self._build_report,
-                                   self._write_report, c.destinations, c.scheduler.max_analysis_attempts,
+                                   self._write_report, c.destinations + c.hl7_destinations,
+                                   c.scheduler.max_analysis_attempts,
                                    skip_exceptions=(SeriesSkipped,), notify_not_analysed=c.report.notify_not_analysed)
         timeout = c.node.network_timeout
 
         def send(dest: Any, path: Path) -> object:
+            if dest.kind == "hl7":
+                from .export.hl7 import send_hl7
+
+                return send_hl7(dest, path, timeout=dest.ack_timeout_seconds, index=self.db)
             if dest.kind == "dicomweb":
                 from .export.stow import send_stow
 
                 return send_stow(dest, path, timeout=timeout)
             return send_c_store(dest, path, calling_ae_title=c.node.ae_title, timeout=timeout)
 
-        export_q = ExportQueue(self.db, self.audit, c.store.storage_dir, c.destinations, c.export, send)
+        export_q = ExportQueue(self.db, self.audit, c.store.storage_dir, c.destinations + c.hl7_destinations,
+                               c.export, send)
         return completion, analysis_q, export_q
 
     @staticmethod

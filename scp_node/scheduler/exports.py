@@ -85,7 +85,9 @@ class ExportQueue:
         try:
             self.send(claim.destination, claim.path)
         except Exception as exc:  # noqa: BLE001 - every failure is kept and retried
-            self._failed(claim, f"{type(exc).__name__}: {exc}")
+            # (an error that says retrying cannot help -- an HL7 ACK the destination lists in
+            # dead_letter_acks -- goes to the dead letter at once)
+            self._failed(claim, f"{type(exc).__name__}: {exc}", final=bool(getattr(exc, "dead_letter", False)))
         else:
             self._delivered(claim)
         return True
@@ -120,7 +122,7 @@ class ExportQueue:
             self.audit.add(session, Event.EXPORT_OK, ae_title=d.ae_title, peer=f"{d.host}:{d.port}",
                            detail=f"delivered to {d.name} on attempt {claim.attempts}", **claim.ids)
 
-    def _failed(self, claim: _Claim, error: str) -> None:
+    def _failed(self, claim: _Claim, error: str, final: bool = False) -> None:
         log.warning("export %d to %s failed (attempt %d): %s", claim.job_id, claim.destination.name,
                     claim.attempts, error)
         p = self.policy
@@ -130,11 +132,11 @@ class ExportQueue:
             job.last_error = error[:2000]
             d = claim.destination
             common = dict(ae_title=d.ae_title, peer=f"{d.host}:{d.port}", outcome="failure", **claim.ids)
-            if claim.attempts >= p.max_attempts:
+            if final or claim.attempts >= p.max_attempts:
                 job.state = ExportState.DEAD
-                self.audit.add(session, Event.EXPORT_DEAD,
-                               detail=f"to {d.name}: gave up after {claim.attempts} attempts: {error[:400]}",
-                               **common)
+                why = "not retried" if final and claim.attempts < p.max_attempts else \
+                    f"gave up after {claim.attempts} attempts"
+                self.audit.add(session, Event.EXPORT_DEAD, detail=f"to {d.name}: {why}: {error[:400]}", **common)
             else:
                 delay = next_delay(claim.attempts, p.backoff_initial_seconds, p.backoff_multiplier,
                                    p.backoff_max_seconds)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.support.mllp import MLLPListener
 from tests.support.net import free_port, wait_for, wait_port
 from tests.support.node import _env, write_config
 from tests.support.orthanc import start_orthanc
@@ -42,16 +43,19 @@ def main(work: Path, model: Path) -> None:
     orthanc = start_orthanc(work / "orthanc", {"scpnode": ("SCPNODE", "127.0.0.1", node_port)})
     folder = work / "node"
     folder.mkdir(parents=True, exist_ok=True)
+    ris = MLLPListener("AA")  # the HIS/RIS that gets an HL7 ORU^R01 per SR (tests/support/mllp.py)
+    hl7_port, ris_receiver = ris.__enter__()
     config = write_config(folder, model_dir=model, port=node_port, stable_seconds=1,
                           peers=[("STORESCU", "127.0.0.1"), ("ORTHANC", "127.0.0.1")],
                           destinations=[{"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                                         "port": orthanc.dicom_port}])
+                                         "port": orthanc.dicom_port}],
+                          extra=f'[[hl7_destinations]]\nname = "ris"\nhost = "127.0.0.1"\nport = {hl7_port}\n')
     trace = work / "connect.trace"
     log = open(folder / "node.log", "wb")
     proc = subprocess.Popen([tool("strace"), "-f", "-e", "trace=connect", "-o", str(trace), sys.executable, "-m",
                              "scp_node", "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
                             cwd=REPO, env=_env(), stdin=subprocess.DEVNULL)
-    result: dict[str, object] = {"node_port": node_port, "pacs_port": orthanc.dicom_port}
+    result: dict[str, object] = {"node_port": node_port, "pacs_port": orthanc.dicom_port, "hl7_port": hl7_port}
     try:
         wait_port(node_port, timeout=240)
         r = subprocess.run([tool("storescu"), "-aet", "STORESCU", "-aec", "SCPNODE", "127.0.0.1", str(node_port),
@@ -60,6 +64,8 @@ def main(work: Path, model: Path) -> None:
         study = wait_for(lambda: orthanc.get("/studies"), 120, what="study in Orthanc")[0]
         wait_for(lambda: orthanc.sr_series(study), 240, interval=1.0, what="SR in Orthanc")
         result["sr_in_pacs"] = len(orthanc.sr_series(study))
+        wait_for(lambda: ris_receiver.received or None, 60, interval=0.5, what="ORU^R01 at the RIS")
+        result["hl7_received"] = len(ris_receiver.received)
     finally:
         pid = json.loads((folder / "scp-node.pid").read_text())["pid"] if (folder / "scp-node.pid").exists() else None
         if pid:
@@ -69,6 +75,7 @@ def main(work: Path, model: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
         orthanc.stop()
+        ris.__exit__(None, None, None)
     time.sleep(0.5)
     result["node_rc"] = proc.returncode
     result["connects"] = parse(trace)

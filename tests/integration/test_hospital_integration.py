@@ -1,0 +1,84 @@
+"""The node's results beyond the PACS, end to end with real peers: Orthanc pushes a CXR and the
+chest CT, the node (a subprocess with the tiny test model) analyses them, and besides the SRs in
+Orthanc, the test RIS (hl7apy's MLLP server) receives a parseable HL7 v2.5.1 ORU^R01 for each
+and answers AA."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.support.mllp import MLLPListener
+from tests.support.net import wait_for
+from tests.support.node import start_node, write_config
+from tests.support.orthanc import Orthanc
+from tests.support.paths import CT_DIR, CXR, need_data
+
+pytestmark = pytest.mark.integration
+
+
+def _upload(orthanc: Orthanc, files: list[Path]) -> tuple[str, str]:
+    last = {}
+    for f in files:
+        last = orthanc.upload(f)
+    return last["ParentStudy"], last["ParentSeries"]
+
+
+def test_oru_r01_for_cxr_and_ct(tmp_path: Path, orthanc: Orthanc, node_port: int, test_model_dir: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    cxr = need_data(CXR / "RG1_UNCR.dcm")
+    ct_files = sorted(need_data(CT_DIR).glob("*.dcm"))
+    monkeypatch.setenv("SCP_NODE__ENGINE__CT_MAX_SLICES", "12")  # the message, not the model, is tested here
+    folder = tmp_path / "node"
+    folder.mkdir()
+    with MLLPListener("AA") as (hl7_port, rx):
+        config = write_config(folder, model_dir=test_model_dir, port=node_port, stable_seconds=1.0,
+                              peers=[("ORTHANC", "127.0.0.1")],
+                              destinations=[{"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                                             "port": orthanc.dicom_port}],
+                              extra=("[[hl7_destinations]]\nname = \"ris\"\nhost = \"127.0.0.1\"\n"
+                                     f"port = {hl7_port}\nsending_facility = \"RADIOLOGY\"\n"
+                                     "receiving_application = \"TESTRIS\"\nreceiving_facility = \"HOSP\"\n"))
+        node = start_node(config, node_port)
+        try:
+            cxr_study, cxr_series = _upload(orthanc, [cxr])
+            ct_study, ct_series = _upload(orthanc, ct_files)
+            orthanc.push_series(cxr_series)
+            orthanc.push_series(ct_series)
+            wait_for(lambda: orthanc.sr_series(cxr_study), 240, interval=1.0, what="the CXR SR in Orthanc")
+            wait_for(lambda: orthanc.sr_series(ct_study), 600, interval=1.0, what="the CT SR in Orthanc")
+            wait_for(lambda: len(rx.received) >= 2 or None, 60, interval=0.5, what="two ORU^R01 at the RIS")
+        finally:
+            assert node.stop() == 0, node.output()[-3000:]
+        messages = rx.messages()  # parsed strictly as HL7 v2.5.1
+    assert len(messages) == 2
+    sources = {str(ds.StudyInstanceUID): ds for ds in (pydicom.dcmread(f, stop_before_pixels=True)
+                                                      for f in (cxr, ct_files[0]))}
+    seen = set()
+    for msg in messages:
+        assert msg.msh.msh_9.to_er7() == "ORU^R01^ORU_R01" and msg.msh.msh_12.to_er7() == "2.5.1"
+        assert msg.msh.msh_5.to_er7() == "TESTRIS" and msg.msh.msh_4.to_er7() == "RADIOLOGY"
+        order = msg.oru_r01_patient_result.oru_r01_order_observation
+        study_uid = order.obr.obr_20.to_er7()
+        src = sources[study_uid]
+        seen.add(str(src.Modality))
+        pid = msg.oru_r01_patient_result.oru_r01_patient.pid
+        assert pid.pid_3.to_er7().split("^")[0] == src.PatientID
+        assert order.obr.obr_18.to_er7() == str(src.get("AccessionNumber", "") or "")
+        assert order.obr.obr_25.to_er7() == "P"
+        obx = [(o.obx.obx_3.to_er7().split("^")[0], o.obx.obx_5.to_er7(), o.obx.obx_11.to_er7())
+               for o in order.oru_r01_observation]
+        assert {status for _, _, status in obx} == {"P"}
+        assert ("110180", study_uid, "P") in obx
+        assert any(code == "121106" and "must be reviewed by a physician" in value for code, value, _ in obx)
+        assert any(code == "121106" and value.startswith("TEST MODEL") for code, value, _ in obx)
+    assert seen == {"CR", "CT"}
+    with sqlite3.connect(folder / "index.db") as con:
+        states = con.execute("select destination, state, attempts from export_jobs order by id").fetchall()
+        ok = con.execute("select count(*) from audit_events where event = 'export.ok' and detail like "
+                         "'delivered to ris%'").fetchone()[0]
+    assert sorted(states) == [("pacs", "DONE", 1), ("pacs", "DONE", 1), ("ris", "DONE", 1), ("ris", "DONE", 1)]
+    assert ok == 2
