@@ -82,7 +82,8 @@ def _engine(config_path: Path | None, overrides: dict[str, Any]) -> Any:
     e = dataclasses.replace(e, **values)
     return MedGemmaEngine(e.model_dir, device=e.device, max_new_tokens=e.max_new_tokens,
                           ct_max_slices=e.ct_max_slices, prompt_profiles=e.prompts or None,
-                          structured=e.structured, language=e.language, max_batch=e.max_batch,
+                          structured=e.structured, answer_mode=e.answer_mode, thinking=e.thinking,
+                          language=e.language, max_batch=e.max_batch,
                           compile=e.compile, schema_bounds=engine_bounds(e))
 
 
