@@ -258,6 +258,16 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class OpsConfig:
+    """Prometheus ``/metrics`` and ``/healthz`` (scp_node.ops); present only when ``[ops]`` is configured."""
+
+    host: str = "127.0.0.1"
+    port: int = 9464
+    #: /healthz calls the scheduler dead when its heartbeat job (every 5 s) is older than this.
+    heartbeat_max_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class Peer:
     """A caller allowed to open associations: AE title and address must both match."""
 
@@ -346,6 +356,8 @@ class Config:
     web: WebConfig | None = None
     #: ``[[hl7_destinations]]``: ORU^R01 results over MLLP to the HIS/RIS (scp_node.export.hl7).
     hl7_destinations: tuple[HL7Destination, ...] = ()
+    #: ``[ops]``: metrics and health over HTTP (None: off).
+    ops: OpsConfig | None = None
 
     @property
     def var_dir(self) -> Path:
@@ -363,7 +375,7 @@ _SECTIONS: dict[str, type] = {
     "report": ReportConfig,
 }
 #: Sections that switch a service on by being present (None on Config when absent).
-_OPTIONAL_SECTIONS: dict[str, type] = {"web": WebConfig}
+_OPTIONAL_SECTIONS: dict[str, type] = {"web": WebConfig, "ops": OpsConfig}
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -545,8 +557,19 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     if len(set(names)) != len(names):
         raise ConfigError("[[hl7_destinations]] names must be unique and differ from the [[destinations]] names "
                           "(an export is queued under its destination's name)")
+    ops = _ops_config(data["ops"], base) if "ops" in data else None
     return Config(peers=tuple(peers), destinations=tuple(dests), source=source, web=web,
-                  hl7_destinations=hl7, **sections)
+                  hl7_destinations=hl7, ops=ops, **sections)
+
+
+def _ops_config(values: Any, base: Path) -> OpsConfig:
+    """``[ops]``: the metrics and health port (loopback unless the admin says otherwise)."""
+    ops: OpsConfig = _coerce("ops", OpsConfig, values, base)
+    if not 0 < ops.port < 65536:
+        raise ConfigError(f"[ops] port {ops.port} is not a TCP port")
+    if ops.heartbeat_max_seconds <= 5:
+        raise ConfigError("[ops] heartbeat_max_seconds must be more than 5 (the heartbeat runs every 5 s)")
+    return ops
 
 
 def _hl7_destination(i: int, d: Mapping[str, Any], base: Path) -> HL7Destination:

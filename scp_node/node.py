@@ -27,6 +27,7 @@ from .audit import Event
 from .config import Config
 from .engine.result import AnalysisResult
 from .export import send_c_store
+from .ops import stats
 from .scheduler import analysis, exports
 from .scheduler.analysis import AnalysisQueue
 from .scheduler.completion import SeriesCompletion
@@ -86,6 +87,7 @@ class Node:
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._engine: Any = None
         self._web: Any = None
+        self._ops: Any = None  # [ops]: /metrics and /healthz (scp_node.ops.server)
         self._stopped = threading.Event()
 
     # -- analysis ----------------------------------------------------------------------------
@@ -132,7 +134,8 @@ class Node:
         r = self.config.report
         node = ReportingNode(ae_title=self.config.node.ae_title, station_name=r.station_name,
                              institution_name=r.institution_name, software_version=__version__)
-        return build_measurement_report(evidence, result, node=node, series_number=r.series_number)
+        with stats.timed("report_build"):
+            return build_measurement_report(evidence, result, node=node, series_number=r.series_number)
 
     @staticmethod
     def _write_report(sr: Dataset, path: Path, result: AnalysisResult) -> None:
@@ -140,7 +143,9 @@ class Node:
         from .report import findings_json, write_report
         from .store.files import write_durably
 
-        write_report(sr, path)
+        stats.analysis_result(result)  # [ops] metrics: stage times and tokens of the engine's work
+        with stats.timed("report_write"):
+            write_report(sr, path)
         sidecar = json.dumps(findings_json(sr, result), indent=2, ensure_ascii=False)
         write_durably(path.with_suffix(".json"), sidecar.encode("utf-8"))
 
@@ -157,6 +162,10 @@ class Node:
         timeout = c.node.network_timeout
 
         def send(dest: Any, path: Path) -> object:
+            with stats.timed(f"export_{dest.kind}"):
+                return _send(dest, path)
+
+        def _send(dest: Any, path: Path) -> object:
             if dest.kind == "hl7":
                 from .export.hl7 import send_hl7
 
@@ -181,6 +190,8 @@ class Node:
     def start(self) -> None:
         c = self.config
         self._lock_var_dir()
+        if c.ops is not None:  # first: a monitor sees the start (503 until every part is up)
+            self._start_ops()
         if c.engine.backend == "transformers":  # a served model's weights are the server's
             prepare_model_dir(c)
         c.store.storage_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +228,19 @@ class Node:
                           detail=f"scp_node {__version__}; model {ident.name}"
                                  + (" (TEST MODEL)" if ident.is_test_model else ""))
         log.info("listening as %s on %s:%d", c.node.ae_title, c.node.host, c.node.port)
+
+    def _start_ops(self) -> None:
+        """``[ops]``: metrics from every process (a fresh folder beside the storage; the receivers
+        inherit it), then the HTTP port for /metrics and /healthz."""
+        from .ops.server import OpsServer, OpsStartError
+
+        stats.enable(self.config.var_dir / "metrics")
+        server = OpsServer(self)
+        try:
+            server.start()
+        except OpsStartError as exc:
+            raise StartupError(str(exc)) from None
+        self._ops = server
 
     def _listen(self) -> None:
         """Open the port and start receiving: here, and in the child receiver processes."""
@@ -289,6 +313,9 @@ class Node:
         close = getattr(self._engine, "close", None)  # the served backend's request threads
         if close is not None:
             close()
+        if self._ops is not None:
+            self._ops.stop()
+            self._ops = None
         self.audit.record(Event.NODE_STOPPED, ae_title=self.config.node.ae_title)
         self._remove_pid()
         self.db.dispose()

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -33,6 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ..audit import AuditTrail, Event
+from ..ops import stats
 from .db import Database
 from .errors import IdentityConflict, InvalidInstance, SOPClassMismatch, StorageFailure  # noqa: F401 (callers import them here)
 from .files import (UnsafeUID, check_uid, fsync_dir, instance_path, link_new, remove_quietly,
@@ -259,6 +261,29 @@ class Ingestor:
             raise StorageFailure(f"disk guard: {usage.free // 2**20} MiB free, watermark {floor // 2**20} MiB")
 
     def ingest(self, data: bytes | Path, origin: Origin, expected_sop_class: str | None = None) -> IngestOutcome:
+        """Keep one Part 10 instance (see :meth:`_ingest`); its outcome, time and size go to the
+        metrics ([ops], :mod:`scp_node.ops.stats`; nothing when off)."""
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            result = self._ingest(data, origin, expected_sop_class)
+            outcome = result.value
+            return result
+        except InvalidInstance:
+            outcome = "refused"
+            raise
+        except StorageFailure:
+            outcome = "failed"
+            raise
+        finally:
+            if stats.folder() is not None:
+                try:
+                    size = data.stat().st_size if isinstance(data, Path) else len(data)
+                except OSError:
+                    size = 0
+                stats.stored(origin.via, outcome, time.monotonic() - started, size)
+
+    def _ingest(self, data: bytes | Path, origin: Origin, expected_sop_class: str | None = None) -> IngestOutcome:
         """Keep one Part 10 instance (preamble + meta + dataset, exactly as received).
 
         ``data`` is the bytes, or the path of a spooled Part 10 file (read in blocks, copied, left

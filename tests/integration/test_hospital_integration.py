@@ -1,7 +1,7 @@
 """The node's results beyond the PACS, end to end with real peers: Orthanc pushes a CXR and the
 chest CT, the node (a subprocess with the tiny test model) analyses them, and besides the SRs in
 Orthanc, the test RIS (hl7apy's MLLP server) receives a parseable HL7 v2.5.1 ORU^R01 for each
-and answers AA."""
+and answers AA; /metrics, scraped with prometheus_client's parser, shows what happened."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pydicom
 import pytest
 
 from tests.support.mllp import MLLPListener
-from tests.support.net import wait_for
+from tests.support.net import free_port, wait_for
 from tests.support.node import start_node, write_config
+from tests.support.ops import healthz, scrape
 from tests.support.orthanc import Orthanc
 from tests.support.paths import CT_DIR, CXR, need_data
 
@@ -34,6 +35,7 @@ def test_oru_r01_for_cxr_and_ct(tmp_path: Path, orthanc: Orthanc, node_port: int
     monkeypatch.setenv("SCP_NODE__ENGINE__CT_MAX_SLICES", "12")  # the message, not the model, is tested here
     folder = tmp_path / "node"
     folder.mkdir()
+    ops_port = free_port()
     with MLLPListener("AA") as (hl7_port, rx):
         config = write_config(folder, model_dir=test_model_dir, port=node_port, stable_seconds=1.0,
                               peers=[("ORTHANC", "127.0.0.1")],
@@ -41,7 +43,8 @@ def test_oru_r01_for_cxr_and_ct(tmp_path: Path, orthanc: Orthanc, node_port: int
                                              "port": orthanc.dicom_port}],
                               extra=("[[hl7_destinations]]\nname = \"ris\"\nhost = \"127.0.0.1\"\n"
                                      f"port = {hl7_port}\nsending_facility = \"RADIOLOGY\"\n"
-                                     "receiving_application = \"TESTRIS\"\nreceiving_facility = \"HOSP\"\n"))
+                                     "receiving_application = \"TESTRIS\"\nreceiving_facility = \"HOSP\"\n"
+                                     f"\n[ops]\nport = {ops_port}\n"))
         node = start_node(config, node_port)
         try:
             cxr_study, cxr_series = _upload(orthanc, [cxr])
@@ -51,6 +54,10 @@ def test_oru_r01_for_cxr_and_ct(tmp_path: Path, orthanc: Orthanc, node_port: int
             wait_for(lambda: orthanc.sr_series(cxr_study), 240, interval=1.0, what="the CXR SR in Orthanc")
             wait_for(lambda: orthanc.sr_series(ct_study), 600, interval=1.0, what="the CT SR in Orthanc")
             wait_for(lambda: len(rx.received) >= 2 or None, 60, interval=0.5, what="two ORU^R01 at the RIS")
+            wait_for(lambda: scrape(ops_port).value("scp_node_exports", state="done") == 4, 30,
+                     what="4 exports done in /metrics")
+            m = scrape(ops_port)
+            health = healthz(ops_port)
         finally:
             assert node.stop() == 0, node.output()[-3000:]
         messages = rx.messages()  # parsed strictly as HL7 v2.5.1
@@ -82,3 +89,28 @@ def test_oru_r01_for_cxr_and_ct(tmp_path: Path, orthanc: Orthanc, node_port: int
                          "'delivered to ris%'").fetchone()[0]
     assert sorted(states) == [("pacs", "DONE", 1), ("pacs", "DONE", 1), ("ris", "DONE", 1), ("ris", "DONE", 1)]
     assert ok == 2
+    # /metrics after the run: the counts that happened.
+    assert health[0] == 200 and health[1]["status"] == "ok", health
+    assert m.value("scp_node_instances_received_total", via="dimse", outcome="stored") == 134
+    assert m.value("scp_node_store_seconds_count") == 134
+    with sqlite3.connect(folder / "index.db") as con:
+        stored_bytes = con.execute("select sum(size) from instances").fetchone()[0]
+    assert m.value("scp_node_received_bytes_total") == stored_bytes
+    assert m.value("scp_node_associations_total", result="accepted") >= 2
+    assert m.value("scp_node_associations_total", result="rejected") == 0
+    assert m.value("scp_node_series_completed_total") == 2
+    assert m.value("scp_node_analysis_jobs", state="done") == 2
+    assert m.value("scp_node_analysis_jobs", state="pending") == m.value("scp_node_analysis_jobs", state="running") == 0
+    for dest in ("pacs", "ris"):
+        assert m.value("scp_node_exports", destination=dest, state="done") == 2
+        assert m.value("scp_node_exports", destination=dest, state="dead") == 0
+    assert m.value("scp_node_analysis_stage_seconds_count", stage="queue_wait") == 2
+    assert m.value("scp_node_analysis_stage_seconds_count", stage="prepare") == 2
+    assert sum(v for n, lab, v in m.samples if n == "scp_node_analysis_stage_seconds_count"
+               and lab["stage"].startswith("generate")) >= 2
+    assert m.value("scp_node_analysis_stage_seconds_count", stage="report_build") == 2
+    assert m.value("scp_node_analysis_stage_seconds_count", stage="export_dimse") == 2
+    assert m.value("scp_node_analysis_stage_seconds_count", stage="export_hl7") == 2
+    assert m.value("scp_node_engine_generated_tokens_total") > 0
+    assert m.value("scp_node_engine_tokens_per_second") > 0
+    assert m.value("scp_node_audit_events_total", event="export.ok") == 4
