@@ -121,10 +121,15 @@ def _report(series: SeriesFiles, result: Any, out: Path, node: Any) -> tuple[Pat
 @click.option("--language", type=click.Choice(["en", "zh"]), default=None)
 @click.option("--max-findings", type=click.IntRange(min=1), default=None)
 @click.option("--max-text-chars", type=click.IntRange(min=1), default=None)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Cap on the free-text answer (each prompt profile's budget applies below it).")
+@click.option("--answer-mode", type=click.Choice(["report", "structured", "free"]), default=None,
+              help="report: report then extraction (default); structured: one JSON answer; free: no grammar.")
 @click.option("-v", "--verbose", is_flag=True)
 def analyze(paths: tuple[Path, ...], out: Path, config_path: Path | None, model_dir: Path | None,
             device: str | None, ct_max_slices: int | None, max_batch: int | None, language: str | None,
-            max_findings: int | None, max_text_chars: int | None, verbose: bool) -> None:
+            max_findings: int | None, max_text_chars: int | None, max_new_tokens: int | None,
+            answer_mode: str | None, verbose: bool) -> None:
     """Analyse every series under PATH... and write SRs, results.csv and findings.json to --out."""
     setup_logging(verbose)
     if not verbose:
@@ -139,7 +144,8 @@ def analyze(paths: tuple[Path, ...], out: Path, config_path: Path | None, model_
 
     overrides = dict(model_dir=model_dir.resolve() if model_dir else None, device=device,
                      ct_max_slices=ct_max_slices, max_batch=max_batch, language=language,
-                     max_findings=max_findings, max_text_chars=max_text_chars)
+                     max_findings=max_findings, max_text_chars=max_text_chars, max_new_tokens=max_new_tokens,
+                     answer_mode=answer_mode)
     engine = _engine(config_path, overrides)
     try:
         engine.load()

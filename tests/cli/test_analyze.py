@@ -34,6 +34,7 @@ def test_analyze_shared_data_lists_every_series(tmp_path: Path, tiny_model: Path
         result = CliRunner().invoke(main, [
             "analyze", str(DATA), "--out", str(out), "--model-dir", str(tiny_model), "--device", "cpu",
             "--ct-max-slices", "8", "--max-findings", "2", "--max-text-chars", "40", "--batch", "4",
+            "--max-new-tokens", "24",
         ])
     assert result.exit_code == 0, result.output
     series, rejected = group_series([DATA])
