@@ -91,8 +91,8 @@ class EngineConfig:
     model_dir: Path = Path("var/model")
     device: str = "auto"
     #: Upper bound on the model's free-text answer; each prompt profile has its own budget below it
-    #: (Google's: 2000 for CT/MR volumes, 500 for X-ray and 2D images; set 2000 to use them in full).
-    max_new_tokens: int = 256
+    #: (Google's: 2000 for CT/MR volumes, 500 for X-ray and 2D images), so by default they apply in full.
+    max_new_tokens: int = 2000
     ct_max_slices: int = 85
     #: Only for demos and tests: write a tiny random test model into model_dir on first start
     #: when the folder is missing. A real-weights config never sets this.

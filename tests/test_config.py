@@ -104,7 +104,7 @@ def test_contract_file_is_parsed(tmp_path: Path) -> None:
                               Destination("archive", "ARCHIVE", "archive.local", 11112))
     assert all(d.kind == "dimse" for d in c.destinations)
     # keys not in the file keep their defaults
-    assert c.engine.max_new_tokens == 256 and c.export.max_attempts == 8
+    assert c.engine.max_new_tokens == 2000 and c.export.max_attempts == 8
 
 
 def test_int_value_for_a_float_key_becomes_float(tmp_path: Path) -> None:
