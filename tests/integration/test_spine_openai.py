@@ -47,6 +47,7 @@ def _served_config(tmp_path: Path, model: Path, port: int, orthanc: Orthanc, ser
         "[engine]", 'backend = "openai"', f'base_url = "{server.base_url}"', f'model = "{server.model}"',
         f'weights_sha256 = "{weights_sha256(model)}"', "max_concurrent = 2", "max_retries = 1",
         "retry_backoff_seconds = 0.5", "max_findings = 1", "max_text_chars = 20",
+        "ct_max_slices = 16",  # the whole CT is sent; 16 of its slices go to the server (CPU time)
     ])
     path.write_text(path.read_text().replace("[engine]", served, 1))
     return path
