@@ -64,6 +64,21 @@ if TYPE_CHECKING:
 # -- real peers: the test model, a free node port, Orthanc (integration and fault suites) --------
 
 
+#: The node's receive path for a test: ``[node] fast_path`` through the environment override the
+#: node subprocess inherits (tests/support/node.py passes os.environ on).
+FAST_PATH_ENV = "SCP_NODE__NODE__FAST_PATH"
+
+
+@pytest.fixture(params=["fast", "library"])
+def receive_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once on the fast path and once on pynetdicom's own path ([node] fast_path =
+    false), so the fast path is always checked against the library's behaviour.  Network test
+    modules use it with ``pytest.mark.usefixtures("receive_path")``; it is set before their node
+    starts."""
+    monkeypatch.setenv(FAST_PATH_ENV, "true" if request.param == "fast" else "false")
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
 def test_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random MedGemma-architecture model, made once through the real CLI command."""

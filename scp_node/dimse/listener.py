@@ -80,7 +80,7 @@ def preferred_transfer_syntaxes() -> list[str]:
 
 
 def remember_uid_validity() -> None:
-    """Memoise :attr:`pydicom.uid.UID.is_valid` in this process.
+    """Memoise :attr:`pydicom.uid.UID.is_valid` in this process (undone by :func:`forget_uid_validity`).
 
     pynetdicom's ``set_uid`` asks ``UID.is_valid`` (a regular expression, looked up in ``re``'s
     cache on every call) for each UID it sets, several times per proposed presentation context:
@@ -88,12 +88,77 @@ def remember_uid_validity() -> None:
     one-image association's CPU (py-spy).  The same few hundred UIDs come in every association,
     and validity depends on the string alone, so the answer is remembered (LRU, 8192 strings).
     """
-    if getattr(UID, "_scp_node_remembered", False):
+    if "_scp_node_original_is_valid" in UID.__dict__:
         return
-    check = UID.is_valid.fget  # type: ignore[attr-defined]
+    original = UID.__dict__["is_valid"]
+    check = original.fget
     remembered = functools.lru_cache(maxsize=8192)(lambda text: bool(check(UID(text))))
     UID.is_valid = property(lambda self: remembered(str.__str__(self)))  # type: ignore[method-assign,assignment]
-    UID._scp_node_remembered = True  # type: ignore[attr-defined]
+    UID._scp_node_original_is_valid = original  # type: ignore[attr-defined]
+
+
+def forget_uid_validity() -> None:
+    """Give :class:`pydicom.uid.UID` its own ``is_valid`` back."""
+    original = UID.__dict__.get("_scp_node_original_is_valid")
+    if original is not None:
+        UID.is_valid = original  # type: ignore[method-assign]
+        del UID._scp_node_original_is_valid  # type: ignore[attr-defined]
+
+
+class ReceiveSettings:
+    """The process-wide settings of the receive path: applied when the first listener of a process
+    starts, undone when the last one stops (a test that runs a listener leaves nothing behind).
+
+    - pynetdicom (:func:`scp_node.dimse.pynetdicom_internals.configure_library`): how data sets
+      are received, its standard logging handlers off; the negotiation memo in its ACSE (fast path).
+    - pydicom: :func:`remember_uid_validity`, and ``reading_validation_mode = IGNORE``.  pydicom
+      checks a UID against a regular expression each time it reads one, and pynetdicom reads each
+      proposed UID several times while it decodes and negotiates an A-ASSOCIATE-RQ: with one
+      association per image that was a third of a receiver's CPU (py-spy).
+
+    Why they may hold for the whole process while it receives -- the node process also runs the
+    engine, the SR writer and the export SCU: the memoised ``is_valid`` gives the same answer for
+    every string (``tests/dimse/test_listener.py`` compares it with pydicom's on valid and invalid
+    UIDs); the reading validation mode only decides whether pydicom *warns* about a value it reads,
+    never what it reads, and in this process pydicom's warnings are withheld from the log anyway
+    (:class:`scp_node.logs.WithholdPatientData`); the SRs are checked by the *writing* validation
+    mode, which is left alone; the UIDs the node relies on are checked by
+    :func:`scp_node.store.files.check_uid`.  pynetdicom's settings concern acceptor associations
+    and its logging; the export SCU negotiates as requestor.  The receiver child processes only
+    receive.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: tuple[Any, ...] = ()
+
+    def apply(self, fast_path: bool) -> None:
+        with self._lock:
+            self._users += 1
+            if self._users > 1:
+                return
+            self._saved = (pydicom_config.settings.reading_validation_mode, internals.library_settings())
+            pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+            remember_uid_validity()
+            internals.configure_library(fast_path)
+            internals.install_negotiation_memo(fast_path)  # a request seen before is negotiated from memory
+
+    def undo(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                return
+            self._users -= 1
+            if self._users:
+                return
+            mode, library = self._saved
+            pydicom_config.settings.reading_validation_mode = mode
+            forget_uid_validity()
+            internals.restore_library_settings(library)
+
+
+#: The one instance per process.
+RECEIVE_SETTINGS = ReceiveSettings()
 
 
 class _ContextList(list):  # type: ignore[type-arg]
@@ -210,6 +275,7 @@ class DimseListener:
         self._server: Any = None
         self._publisher: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._settings_applied = False
 
     def _make_ae(self) -> AE:
         n = self.config.node
@@ -231,7 +297,7 @@ class DimseListener:
     def _handlers(self) -> list[Any]:
         n = self.config.node
         acl = AccessList(self.config.peers, accept_unknown=n.accept_unknown_callers)
-        return [
+        return ([] if n.fast_path else internals.library_path_handlers()) + [
             (evt.EVT_CONN_OPEN, handle_conn_open, [n.max_pdu_size, self.audit, acl, n.ae_title]),
             (evt.EVT_REQUESTED, handle_requested, [acl, n.ae_title, self.audit, n.max_associations, self.counts]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.audit]),
@@ -243,15 +309,9 @@ class DimseListener:
     def start(self) -> None:
         """Serve on the shared socket (raises :class:`scp_node.dimse.tls.TLSConfigError` on a bad TLS setup)."""
         n = self.config.node
-        internals.configure_library(n.fast_path)
-        # pydicom checks a UID against a regular expression each time one is made, and pynetdicom
-        # makes each proposed UID several times while it decodes and negotiates an A-ASSOCIATE-RQ:
-        # with one association per image that was a third of a receiver's CPU (py-spy).  Reading
-        # validation only ever warns; the UIDs the node relies on are checked by store.files.check_uid.
-        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-        remember_uid_validity()
-        internals.install_negotiation_memo(n.fast_path)  # a request seen before is negotiated from memory
-        tls = server_context(n)
+        tls = server_context(n)  # (raises before anything is changed)
+        RECEIVE_SETTINGS.apply(n.fast_path)
+        self._settings_applied = True
         extra: dict[str, Any] = {"request_handler": internals.WakingRequestHandler} if n.fast_path else {}
         server = self.ae.make_server((n.host, n.port), ssl_context=tls, evt_handlers=self._handlers(),
                                      server_class=_SharedSocketServer, listening=self.listening,
@@ -263,6 +323,8 @@ class DimseListener:
         thread.start()
         internals.register_server(self.ae, server)
         self._server = server
+        log.info("associations run on %s", "the fast path" if n.fast_path
+                 else "pynetdicom's own path ([node] fast_path = false)")
         if self.counts is not None:
             self._publisher = threading.Thread(target=self._publish_count, name="AssociationCount", daemon=True)
             self._publisher.start()
@@ -277,8 +339,15 @@ class DimseListener:
     def stop(self, grace: float) -> None:
         """Stop accepting, let open associations end (a store in flight is answered), abort the rest."""
         self._stopped.set()
-        if self._server is None:
-            return
+        try:
+            if self._server is not None:
+                self._stop(grace)
+        finally:
+            if self._settings_applied:
+                self._settings_applied = False
+                RECEIVE_SETTINGS.undo()
+
+    def _stop(self, grace: float) -> None:
         self._server.shutdown()  # stops accepting here (the shared socket stays open for the others)
         self._server = None
         deadline = time.monotonic() + grace

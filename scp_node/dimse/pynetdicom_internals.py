@@ -20,8 +20,9 @@ the README's Performance section has the figures):
 * :class:`WakingRequestHandler` -- makes a :class:`WakingAssociation` for each connection.
 
 With ``[node] fast_path = false`` none of these classes is used: the listener runs pynetdicom's
-own ``RequestHandler`` and everything pynetdicom does is its own (only :func:`configure_library`
-and :func:`register_server` below are used in both modes).  Handlers that watch PDUs, data or
+own ``RequestHandler`` and everything pynetdicom does is its own (only :func:`configure_library`,
+:func:`register_server` and, for a spool file pynetdicom would leave behind,
+:func:`discard_library_partial` are used there).  Handlers that watch PDUs, data or
 state transitions (``EVT_PDU_RECV``, ``EVT_DATA_RECV``, ``EVT_PDU_SENT``, ``EVT_DATA_SENT``,
 ``EVT_FSM_TRANSITION``, ``EVT_DIMSE_RECV``, ``EVT_DIMSE_SENT``) switch the corresponding shortcut
 off for their association, so they see what pynetdicom would show them.
@@ -55,6 +56,8 @@ for ``tests/test_compat.py``, which checks each exists):
     message into its decoded class the same way).
 ``acse.negotiate_as_acceptor``: the module global ACSE calls, replaced by the remembered
     negotiation (``presentation.negotiate_as_acceptor`` stays pynetdicom's and computes it).
+``DIMSEMessage._data_set_file``, ``_data_set_path``: on the library path, the spool file of a
+    data set cut off by an abort is removed (:func:`discard_library_partial`; pynetdicom leaves it).
 ``PresentationContext._transfer_syntax`` and ``A_ASSOCIATE._presentation_context_definition_list``,
     ``_presentation_context_definition_results_list``, ``_user_information``: copies of remembered
     contexts and request primitives are made without re-validating every UID.
@@ -134,6 +137,8 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("instance:pynetdicom.pdu_primitives.P_DATA", "_presentation_data_value_list"),
     ("instance:pynetdicom.dimse_primitives.C_STORE", "_context_id"),
     ("instance:pynetdicom.presentation.PresentationContext", "_transfer_syntax"),
+    ("instance:pynetdicom.dimse_messages.DIMSEMessage", "_data_set_file"),
+    ("instance:pynetdicom.dimse_messages.DIMSEMessage", "_data_set_path"),
     ("instance:pynetdicom.pdu_primitives.A_ASSOCIATE", "_presentation_context_definition_list"),
     ("instance:pynetdicom.pdu_primitives.A_ASSOCIATE", "_presentation_context_definition_results_list"),
     ("instance:pynetdicom.pdu_primitives.A_ASSOCIATE", "_user_information"),
@@ -255,9 +260,36 @@ def configure_library(fast_path: bool) -> None:
         _config.LOG_HANDLER_LEVEL = "none"
 
 
-def receives_chunked() -> bool:
-    """Whether pynetdicom spools each data set to its own file (the library path)."""
-    return bool(_config.STORE_RECV_CHUNKED_DATASET)
+def library_settings() -> tuple[Any, ...]:
+    """What :func:`configure_library` and :func:`install_negotiation_memo` change, to put back."""
+    return _config.STORE_RECV_CHUNKED_DATASET, _config.LOG_HANDLER_LEVEL, acse.negotiate_as_acceptor
+
+
+def restore_library_settings(saved: tuple[Any, ...]) -> None:
+    _config.STORE_RECV_CHUNKED_DATASET, _config.LOG_HANDLER_LEVEL, acse.negotiate_as_acceptor = saved
+
+
+def discard_library_partial(event: Any) -> None:
+    """EVT_CONN_CLOSE on the library path: remove the spool file pynetdicom opened for a data set
+    the connection ended in the middle of.  pynetdicom 3.0.4 removes its file after the C-STORE
+    handler ran, but leaves the file of a data set cut off by an abort or a lost connection in
+    the temporary folder, one per aborted transfer (``tests/dimse/test_reactor_edges.py``)."""
+    message = getattr(event.assoc.dimse, "message", None)
+    spool = getattr(message, "_data_set_file", None)
+    path = getattr(message, "_data_set_path", None)
+    if spool is None or not isinstance(path, Path):
+        return
+    try:
+        spool.close()
+        path.unlink()
+        log.info("removed the spool file of a data set the association did not finish")
+    except OSError:
+        pass
+
+
+def library_path_handlers() -> list[tuple[Any, Any]]:
+    """Handlers the node binds on pynetdicom's own path ([node] fast_path = false)."""
+    return [(evt.EVT_CONN_CLOSE, discard_library_partial)]
 
 
 def register_server(ae: Any, server: Any) -> None:

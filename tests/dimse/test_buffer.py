@@ -15,7 +15,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from scp_node.dimse.buffer import DataSetBuffer, take_dataset
 from scp_node.store.part10 import part10_header
 from scp_node.dimse.pynetdicom_internals import WakingRequestHandler
-from tests.support.paths import CT_DIR
+from tests.support.paths import CT_DIR, data_files
 
 HEADER = part10_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", ExplicitVRLittleEndian, "SENDER")
 
@@ -76,7 +76,7 @@ def test_part10_header_matches_pydicom(tmp_path: Path) -> None:
         assert part10_header(sop_class, sop, ts, ae) == b"\0" * 128 + b"DICM" + fp.getvalue()
 
 
-def test_a_real_association_receives_into_the_buffer(tmp_path: Path) -> None:
+def test_a_real_association_receives_into_the_buffer(tmp_path: Path, monkeypatch: Any) -> None:
     """A CT slice by C-STORE: in memory with a small limit off, spooled with a tiny one."""
     got: list[tuple[bool, bytes]] = []
 
@@ -88,7 +88,7 @@ def test_a_real_association_receives_into_the_buffer(tmp_path: Path) -> None:
         buf.discard()
         return 0
 
-    _config.STORE_RECV_CHUNKED_DATASET = False
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
     ae = AE("DIMSETEST")
     ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
     server = ae.make_server(("127.0.0.1", 0), evt_handlers=[(evt.EVT_C_STORE, on_store)],
@@ -98,7 +98,7 @@ def test_a_real_association_receives_into_the_buffer(tmp_path: Path) -> None:
     ae._servers.append(server)
     import scp_node.dimse.buffer as dimse
 
-    source = pydicom.dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    source = pydicom.dcmread(data_files(CT_DIR)[0])
     try:
         for limit in (dimse.IN_MEMORY_LIMIT, 4096):
             old, dimse.IN_MEMORY_LIMIT = dimse.IN_MEMORY_LIMIT, limit
@@ -244,7 +244,7 @@ def test_plain_stores_skip_pynetdicoms_command_decoding(tmp_path: Path, monkeypa
         buf.discard()
         return 0
 
-    source = pydicom.dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    source = pydicom.dcmread(data_files(CT_DIR)[0])
     for max_pdu in (0, 64):  # 0: unlimited; 64 bytes: the command set comes in several fragments
         seen.clear()
         fast.clear()
@@ -289,7 +289,7 @@ def test_store_response_sent_directly_is_the_pdu_pynetdicom_sends(monkeypatch: A
     original = WakingUpperLayer.send_pdu
     monkeypatch.setattr(WakingUpperLayer, "send_pdu",
                         lambda self, primitive: (queued.append(primitive), original(self, primitive)))
-    source = pydicom.dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    source = pydicom.dcmread(data_files(CT_DIR)[0])
     received: dict[bool, list[bytes]] = {}
     for watched in (False, True):
         queued.clear()

@@ -97,9 +97,51 @@ def test_remembered_uid_validity_answers_as_pydicom() -> None:
 
     from scp_node.dimse.listener import remember_uid_validity
 
+    from scp_node.dimse.listener import forget_uid_validity
+
+    original = UID.__dict__["is_valid"]
     remember_uid_validity()
     remember_uid_validity()  # once is enough; twice changes nothing
-    samples = ["1.2.3", "1.2.840.10008.1.2.4.90", "1.2.03", "", "a.b", "1." + "2" * 70, "0.0", "1..2", "1.2."]
-    for text in samples * 2:  # the second round comes from the memo
-        expected = len(text) <= 64 and re.match(RE_VALID_UID, text) is not None
-        assert UID(text).is_valid is expected, text
+    try:
+        assert UID.__dict__["is_valid"] is not original
+        samples = ["1.2.3", "1.2.840.10008.1.2.4.90", "1.2.03", "", "a.b", "1." + "2" * 70, "0.0", "1..2", "1.2."]
+        for text in samples * 2:  # the second round comes from the memo
+            expected = len(text) <= 64 and re.match(RE_VALID_UID, text) is not None
+            assert UID(text).is_valid is expected, text
+    finally:
+        forget_uid_validity()
+    assert UID.__dict__["is_valid"] is original
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_listener_undoes_the_process_wide_settings_when_it_stops(tmp_path: "Path", audit_trail: object,
+                                                                   ingestor: object, fast_path: bool) -> None:
+    """pydicom's UID memo and reading validation mode, pynetdicom's settings and ACSE negotiation:
+    set while a listener serves (the receive path), back as they were once the last one stops."""
+    from pydicom import config as pydicom_config
+    from pydicom.uid import UID
+    from pynetdicom import _config as pynetdicom_config
+    from pynetdicom import acse
+
+    from scp_node.dimse import pynetdicom_internals as internals
+
+    def settings() -> tuple[object, ...]:
+        return (pydicom_config.settings.reading_validation_mode, UID.__dict__["is_valid"],
+                pynetdicom_config.STORE_RECV_CHUNKED_DATASET, pynetdicom_config.LOG_HANDLER_LEVEL,
+                acse.negotiate_as_acceptor)
+
+    before = settings()
+    listening = open_listening_socket("127.0.0.1", 0)
+    config = config_mod.from_mapping({"node": {"fast_path": fast_path}, "store": {"storage_dir": str(tmp_path)}},
+                                     tmp_path, environ={})
+    listener = DimseListener(config, audit_trail, ingestor, listening)  # type: ignore[arg-type]
+    listener.start()
+    try:
+        during = settings()
+        assert during[0] == pydicom_config.IGNORE and during[1] is not before[1]
+        assert during[2] is (not fast_path)
+        assert (during[4] is internals.negotiate_as_acceptor) is fast_path
+    finally:
+        listener.stop(grace=1)
+        listening.close()
+    assert settings() == before

@@ -25,9 +25,12 @@ from scp_node.dimse.pynetdicom_internals import WakingRequestHandler
 
 @pytest.fixture(autouse=True)
 def _nothing_remembered() -> Iterator[None]:
-    negotiation.forget()
+    """Nothing remembered before or after a test, and pynetdicom's ACSE as it was."""
+    saved = internals.library_settings()
+    internals.forget()
     yield
-    negotiation.forget()
+    internals.forget()
+    internals.restore_library_settings(saved)
 
 
 def _contexts(cxs: list[Any]) -> list[tuple[Any, ...]]:

@@ -33,11 +33,11 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
 
 from tests.support.node import NodeProcess, start_node, write_config
-from tests.support.paths import CT_DIR, need_data, tool
+from tests.support.paths import CT_DIR, data_files, need_data, tool
 
 from .helpers import Proxy, count_event, instance_counts, query, stored_files
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("receive_path")]  # fast path and pynetdicom's own
 
 CLEAN_FAILURES = {0xA700, 0xA900, 0xC000}
 PYDICOM_FILES = ["badVR.dcm", "MR_truncated.dcm", "no_meta.dcm", "meta_missing_tsyntax.dcm", "JPEG-lossy.dcm",
@@ -121,7 +121,7 @@ def _send(port: int, path: Path) -> int:
 
 def _ct(tmp: Path, name: str, **changes: object) -> Path:
     """A CT slice with new UIDs and the given attribute changes (None deletes)."""
-    ds = pydicom.dcmread(sorted(need_data(CT_DIR).glob("*.dcm"))[0])
+    ds = pydicom.dcmread(data_files(CT_DIR)[0])
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     for key, value in changes.items():
@@ -318,7 +318,7 @@ def _send_part_then_abort(assoc: "object", path: Path) -> None:
 
 def _big_file(out: Path, megabytes: int) -> Path:
     """A CT header followed by ``megabytes`` of OB Pixel Data, written in blocks (never in memory)."""
-    ds = pydicom.dcmread(sorted(need_data(CT_DIR).glob("*.dcm"))[0], stop_before_pixels=True)
+    ds = pydicom.dcmread(data_files(CT_DIR)[0], stop_before_pixels=True)
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.node import start_node, write_config
-from tests.support.paths import CT_DIR, need_data, tool
+from tests.support.paths import CT_DIR, data_files, need_data, tool
 
 from .helpers import events, instance_counts, set_keys, stored_files
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("receive_path")]  # fast path and pynetdicom's own
 
 
 def test_below_the_watermark_stores_are_refused_out_of_resources(tmp_path: Path, node_port: int,
@@ -30,7 +30,7 @@ def test_below_the_watermark_stores_are_refused_out_of_resources(tmp_path: Path,
     value = usage.free + 2**30
     set_keys(config, "store", **{key: value})
     node = start_node(config, node_port)
-    files = sorted(need_data(CT_DIR).glob("*.dcm"))[:5]
+    files = data_files(CT_DIR, at_least=5)[:5]
     try:
         r = subprocess.run([tool("storescu"), "-v", "--no-halt", "-aet", "STORESCU", "-aec", "SCPNODE", "127.0.0.1",
                             str(node_port), *map(str, files)], capture_output=True, text=True, timeout=120)
@@ -58,7 +58,7 @@ def test_percent_watermark_in_process(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path / 'index.db'}")
     ingestor = Ingestor(db, tmp_path / "storage", AuditTrail(db, b"k" * 32), min_free_percent=99.99)
     with pytest.raises(StorageFailure, match="disk guard"):
-        ingestor.ingest(sorted(need_data(CT_DIR).glob("*.dcm"))[0].read_bytes(), Origin("X", "127.0.0.1"))
+        ingestor.ingest(data_files(CT_DIR)[0].read_bytes(), Origin("X", "127.0.0.1"))
     assert not (tmp_path / "storage").exists() or not any((tmp_path / "storage").rglob("*"))
     ok = Ingestor(db, tmp_path / "storage", AuditTrail(db, b"k" * 32), min_free_percent=0.001)
-    ok.ingest(sorted(need_data(CT_DIR).glob("*.dcm"))[0].read_bytes(), Origin("X", "127.0.0.1"))
+    ok.ingest(data_files(CT_DIR)[0].read_bytes(), Origin("X", "127.0.0.1"))

@@ -27,7 +27,7 @@ from scp_node.store.part10 import part10_header
 from scp_node.web import token_sha256
 from tests.support.net import free_port, wait_port
 from tests.support.node import NodeProcess, start_node, write_config
-from tests.support.paths import CT_DIR, need_data
+from tests.support.paths import CT_DIR, data_files, need_data
 from tests.web.conftest import TOKEN
 
 from .helpers import count_event, instance_counts, query
@@ -55,7 +55,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, test_model_dir: Path) -> Iter
 
 def _ct_slice() -> tuple[bytes, str]:
     """A CT slice with new UIDs as Part 10 bytes (explicit VR LE), and its SOP Instance UID."""
-    ds = pydicom.dcmread(sorted(need_data(CT_DIR).glob("*.dcm"))[0])
+    ds = pydicom.dcmread(data_files(CT_DIR)[0])
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     buf = BytesIO()

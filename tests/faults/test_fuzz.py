@@ -7,7 +7,6 @@ bytes (DIMSE and STOW) and a spooled file path (chunked receive).
 
 from __future__ import annotations
 
-import tempfile
 from io import BytesIO
 from pathlib import Path
 
@@ -20,11 +19,6 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from scp_node.audit import AuditTrail
 from scp_node.store.db import Database
 from scp_node.store.ingest import Ingestor, InvalidInstance, Origin, StorageFailure
-
-_TMP = Path(tempfile.mkdtemp(prefix="scp-fuzz-"))
-_DB = Database(f"sqlite:///{_TMP / 'index.db'}")
-_INGESTOR = Ingestor(_DB, _TMP / "storage", AuditTrail(_DB, b"k" * 32))
-_STATS = {"examples": 0, "stored": 0, "refused": 0}
 
 uids = st.one_of(
     st.from_regex(r"1\.2\.826\.0\.1\.[1-9][0-9]{0,20}(\.[0-9]{1,8}){0,4}", fullmatch=True),
@@ -78,36 +72,50 @@ def part10(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-def _files() -> set[Path]:
-    return {p for p in (_TMP / "storage").rglob("*") if p.is_file()} if (_TMP / "storage").exists() else set()
+#: Inputs tried: hypothesis' budget (it may stop early only when it runs out of distinct inputs).
+EXAMPLES = 1000
 
 
-@settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.one_of(part10(), st.binary(max_size=2048),
-                      st.builds(lambda b: b"\x00" * 128 + b"DICM" + b, st.binary(max_size=1024))),
-       as_file=st.booleans())
-def test_ingest_never_raises_anything_else_and_leaves_nothing_on_refusal(data: bytes, as_file: bool) -> None:
-    before = _files()
-    arg: bytes | Path = data
-    if as_file:
-        arg = _TMP / "spool.dcm"
-        arg.write_bytes(data)
-    _STATS["examples"] += 1
+def test_ingest_never_raises_anything_else_and_leaves_nothing_on_refusal(tmp_path: Path, counts: dict) -> None:
+    """The fuzz run and its counts in one test: whatever order the tests run in, the counts are
+    those of this run, and they must add up -- every input stored or refused, both seen."""
+    db = Database(f"sqlite:///{tmp_path / 'index.db'}")
+    storage = tmp_path / "storage"
+    ingestor = Ingestor(db, storage, AuditTrail(db, b"k" * 32))
+    stats = {"examples": 0, "stored": 0, "refused": 0}
+
+    def files() -> set[Path]:
+        return {p for p in storage.rglob("*") if p.is_file()} if storage.exists() else set()
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(data=st.one_of(part10(), st.binary(max_size=2048),
+                          st.builds(lambda b: b"\x00" * 128 + b"DICM" + b, st.binary(max_size=1024))),
+           as_file=st.booleans())
+    def ingest_once(data: bytes, as_file: bool) -> None:
+        before = files()
+        arg: bytes | Path = data
+        if as_file:
+            arg = tmp_path / "spool.dcm"
+            arg.write_bytes(data)
+        stats["examples"] += 1
+        try:
+            ingestor.ingest(arg, Origin("FUZZ", "127.0.0.1"))
+        except (InvalidInstance, StorageFailure):
+            stats["refused"] += 1
+            assert files() == before
+            return
+        stats["stored"] += 1
+        after = files()
+        assert len(after) - len(before) in (0, 1)  # a duplicate keeps the first copy
+        assert not [p for p in after if p.name.endswith(".tmp")]
+        for p in after - before:
+            assert p.resolve().is_relative_to(storage.resolve())
+
     try:
-        _INGESTOR.ingest(arg, Origin("FUZZ", "127.0.0.1"))
-    except (InvalidInstance, StorageFailure):
-        _STATS["refused"] += 1
-        assert _files() == before
-        return
-    _STATS["stored"] += 1
-    after = _files()
-    assert len(after) - len(before) in (0, 1)  # a duplicate keeps the first copy
-    assert not [p for p in after if p.name.endswith(".tmp")]
-    for p in after - before:
-        assert p.resolve().is_relative_to((_TMP / "storage").resolve())
-
-
-def test_fuzz_counts(counts: dict) -> None:
-    """Runs after the fuzz test (file order): records how many inputs it tried."""
-    counts.update(_STATS)
-    assert _STATS["examples"] == 0 or _STATS["refused"] + _STATS["stored"] == _STATS["examples"]
+        ingest_once()
+    finally:
+        db.dispose()
+    counts.update(stats)
+    assert stats["refused"] + stats["stored"] == stats["examples"], stats
+    assert stats["examples"] >= EXAMPLES // 2, stats  # hypothesis really ran the inputs
+    assert stats["refused"] > 0 and stats["stored"] > 0, stats  # both outcomes were reached

@@ -32,6 +32,7 @@ def _config(tmp_path: Path, model: Path, port: int, stable: float, dest_port: in
     return config
 
 
+@pytest.mark.usefixtures("receive_path")  # fast path and pynetdicom's own
 def test_kill9_during_ingest_keeps_every_acknowledged_instance(tmp_path: Path, node_port: int,
                                                                test_model_dir: Path, counts: dict) -> None:
     ct = sorted(need_data(CT_DIR).glob("*.dcm"))

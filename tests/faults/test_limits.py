@@ -13,12 +13,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.support.net import wait_for
 from tests.support.node import start_node, write_config
-from tests.support.paths import CT_DIR, need_data, tool
+from tests.support.paths import CT_DIR, data_files, need_data, tool
 
 from .helpers import acknowledged, copy_series, count_event, events, indexed_sops, instance_counts, set_keys, \
     sop_of, stored_files, storescu
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("receive_path")]  # fast path and pynetdicom's own
 
 
 def _echo(port: int) -> subprocess.CompletedProcess[str]:
@@ -60,7 +60,7 @@ def test_past_max_associations_rejected_transient_and_still_serving(tmp_path: Pa
 
 def test_sigterm_with_a_store_in_flight_exits_0_and_loses_nothing(tmp_path: Path, node_port: int,
                                                                   test_model_dir: Path, counts: dict) -> None:
-    files = copy_series(sorted(need_data(CT_DIR).glob("*.dcm"))[:60], tmp_path / "ct")
+    files = copy_series(data_files(CT_DIR, at_least=60)[:60], tmp_path / "ct")
     folder = tmp_path / "node"
     folder.mkdir()
     config = write_config(folder, model_dir=test_model_dir, port=node_port, stable_seconds=3600,

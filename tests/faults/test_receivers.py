@@ -13,11 +13,11 @@ import pytest
 
 from tests.support.net import wait_for
 from tests.support.node import cli, start_node, write_config
-from tests.support.paths import CT_DIR, need_data
+from tests.support.paths import CT_DIR, data_files, need_data
 
 from .helpers import acknowledged, copy_series, events, indexed_sops, instance_counts, set_keys, sop_of, storescu
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("receive_path")]  # fast path and pynetdicom's own
 
 
 def _children(pid: int) -> list[int]:
@@ -55,7 +55,7 @@ def _start(tmp_path: Path, port: int, model: Path, receivers: int) -> tuple[Path
 
 def test_three_receivers_share_the_port_and_index_every_instance_once(tmp_path: Path, node_port: int,
                                                                        test_model_dir: Path, counts: dict) -> None:
-    ct = sorted(need_data(CT_DIR).glob("*.dcm"))[:40]
+    ct = data_files(CT_DIR, at_least=40)[:40]
     series = [copy_series(ct, tmp_path / f"copy{i}") for i in range(4)]
     folder, node = _start(tmp_path, node_port, test_model_dir, receivers=3)
     try:
@@ -94,7 +94,7 @@ def test_kill_9_of_the_node_takes_its_receivers_and_a_restart_gets_the_port(tmp_
     # Nothing holds the port any more: the node starts again on it and serves.
     again = start_node(node.config, node_port, log_name="node2.log")
     try:
-        files = copy_series(sorted(need_data(CT_DIR).glob("*.dcm"))[:5], tmp_path / "ct")
+        files = copy_series(data_files(CT_DIR, at_least=5)[:5], tmp_path / "ct")
         out = storescu(node_port, files).communicate(timeout=120)[0]
         assert len(acknowledged(out)) == 5, out
     finally:
@@ -126,7 +126,7 @@ def test_a_receiver_that_dies_is_replaced_audited_and_the_node_keeps_serving(tmp
         [replacement] = [c for c in _children(node.proc.pid) if c != victim]
         rows = events(folder, "node.receiver_restarted")
         assert len(rows) == 1 and "killed by signal 9" in rows[0][2], rows
-        files = copy_series(sorted(need_data(CT_DIR).glob("*.dcm"))[:20], tmp_path / "ct")
+        files = copy_series(data_files(CT_DIR, at_least=20)[:20], tmp_path / "ct")
         senders = [storescu(node_port, files[i::2]) for i in range(2)]
         acked = [f for s in senders for f in acknowledged(s.communicate(timeout=120)[0])]
         assert len(acked) == 20 and instance_counts(folder) == (20, 20)

@@ -19,7 +19,7 @@ from tests.support.paths import CXR, need_data, tool
 
 from .helpers import count_event, events, instance_counts
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("receive_path")]  # fast path and pynetdicom's own
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -20,9 +20,9 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
 from tests.support.node import NodeProcess, start_node, write_config
-from tests.support.paths import CT_DIR, CXR, need_data, tool
+from tests.support.paths import CT_DIR, CXR, data_files, need_data, tool
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("receive_path")]  # fast path and pynetdicom's own
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def _echo(port: int, calling: str, called: str = "SCPNODE") -> subprocess.Comple
 
 def test_dcmtk_echo_and_store(node: NodeProcess) -> None:
     assert _echo(node.port, "ECHOSCU").returncode == 0
-    files = [need_data(CXR / "RG1_J2KR.dcm")] + sorted(need_data(CT_DIR).glob("*.dcm"))[:5]
+    files = [need_data(CXR / "RG1_J2KR.dcm")] + data_files(CT_DIR, at_least=5)[:5]
     # -xv proposes JPEG 2000 lossless, so the file goes over the wire in its own transfer syntax.
     r = subprocess.run([tool("storescu"), "-aet", "STORESCU", "-aec", "SCPNODE", "-xv", "127.0.0.1",
                         str(node.port), str(files[0])], capture_output=True, text=True, timeout=120)
@@ -134,7 +134,7 @@ def _with_meta(body: bytes, out: Path) -> Path:
 
 
 def test_bad_datasets_get_a_failure_status_and_the_node_keeps_serving(node: NodeProcess, tmp_path: Path) -> None:
-    ct = sorted(need_data(CT_DIR).glob("*.dcm"))[0]
+    ct = data_files(CT_DIR)[0]
     good = ct.read_bytes()
     plain = pydicom.dcmread(ct)
     plain.SOPInstanceUID = plain.file_meta.MediaStorageSOPInstanceUID = generate_uid()

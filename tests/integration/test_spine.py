@@ -18,7 +18,7 @@ from tests.support.node import cli, start_node, write_config
 from tests.support.orthanc import Orthanc
 from tests.support.paths import CT_DIR, CXR, need_data, tool
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("receive_path")]  # fast path and pynetdicom's own
 
 
 def _node_config(tmp_path: Path, model: Path, port: int, orthanc: Orthanc, stable: float = 1.0) -> Path:

@@ -17,7 +17,7 @@ from pynetdicom import AE, _config
 from tests.support.node import NodeProcess, start_node, write_config
 from tests.support.paths import DATA, need_data
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("receive_path")]  # fast path and pynetdicom's own
 
 TS_MATRIX = DATA / "ts_matrix"
 RETIRED_JPEG = {"1.2.840.10008.1.2.4.53", "1.2.840.10008.1.2.4.55"}

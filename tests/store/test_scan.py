@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from scp_node.store.integrity import IncompleteDataset, check_complete
 from scp_node.store.ingest import InvalidInstance, parse_header
 from scp_node.store.scan import INDEXED_TAGS, scan_instance
-from tests.support.paths import CT_DIR, DATA, need_data
+from tests.support.paths import CT_DIR, DATA, data_files, need_data
 
 KEYWORDS = [pydicom.datadict.keyword_for_tag(t) for t in sorted(INDEXED_TAGS)]
 
@@ -82,7 +82,7 @@ def test_character_sets_decode_as_pydicom_decodes_them() -> None:
 def test_plain_values_are_read_without_pydicom() -> None:
     """The common case -- ASCII values -- never builds pydicom's data set (the point of the scan);
     Instance Number reads as pydicom's IS does."""
-    path = sorted(need_data(CT_DIR).glob("*.dcm"))[0]
+    path = data_files(CT_DIR)[0]
     data = path.read_bytes()
     ds = scan_instance(data)
     assert ds is not None

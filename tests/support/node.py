@@ -74,6 +74,16 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _check_receive_path(node: NodeProcess) -> None:
+    """With ``SCP_NODE__NODE__FAST_PATH=false`` (the ``receive_path`` fixture) the node must say it
+    runs pynetdicom's own path, so a test meant for that mode cannot pass on the fast path."""
+    wanted = os.environ.get("SCP_NODE__NODE__FAST_PATH", "").strip().lower()
+    library = "pynetdicom's own path" in node.output()
+    if wanted in ("false", "true") and library != (wanted == "false"):
+        raise RuntimeError(f"SCP_NODE__NODE__FAST_PATH={wanted} but the node's log says otherwise:\n"
+                           + node.output()[-2000:])
+
+
 def start_node(config: Path, port: int, log_name: str = "node.log", timeout: float = 120) -> NodeProcess:
     log = config.parent / log_name
     fh = open(log, "ab")
@@ -94,6 +104,7 @@ def start_node(config: Path, port: int, log_name: str = "node.log", timeout: flo
             # The port opens before the receiver processes serve (callers wait in the backlog):
             # tests start sending when serve says the node is up.
             if "scp-node listening as" in node.output():
+                _check_receive_path(node)
                 return node
             time.sleep(0.1)
         raise TimeoutError(f"scp-node did not listen within {timeout} s:\n{node.output()[-3000:]}")

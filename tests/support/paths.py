@@ -41,3 +41,19 @@ def need_data(path: Path) -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+def data_files(folder: Path, pattern: str = "*.dcm", at_least: int = 1) -> list[Path]:
+    """The files of a shared data folder, sorted by name, at least ``at_least`` of them.
+
+    The one rule for missing data: a missing folder, or one with fewer files than the test uses,
+    fails in CI and skips elsewhere with the reason -- never an IndexError further on.
+    """
+    files = sorted(need_data(folder).glob(pattern))
+    if len(files) < at_least:
+        msg = f"shared test data incomplete: {folder} has {len(files)} {pattern} files, the test needs {at_least}"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return files
+
