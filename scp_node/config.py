@@ -214,6 +214,14 @@ class AuditConfig:
     """The audit trail: where the HMAC key for patient identifiers lives."""
 
     secret_file: Path = Path("var/audit.key")
+    #: IHE ATNA: every audit row also goes as a DICOM audit message (PS3.15 A.5 XML) in RFC 5424
+    #: syslog over TLS (RFC 5425) to ``tls://host:port`` (scp_node.audit.syslog); empty: off.
+    syslog_url: str = ""
+    #: PEM CA that signed the syslog server's certificate (empty: the system store), and our client
+    #: certificate and key (ATNA node authentication). Relative paths: from the config folder.
+    syslog_ca: str = ""
+    syslog_cert: str = ""
+    syslog_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -518,6 +526,7 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     engine: EngineConfig = sections["engine"]
     if engine.api_key_file and not Path(engine.api_key_file).is_absolute():
         object.__setattr__(engine, "api_key_file", str(base / engine.api_key_file))
+    _audit_syslog(sections["audit"], base)
     if store.min_free_bytes < 0 or not 0 <= store.min_free_percent < 100:
         raise ConfigError("[store] min_free_bytes must be >= 0 and min_free_percent in [0, 100)")
 
@@ -560,6 +569,28 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     ops = _ops_config(data["ops"], base) if "ops" in data else None
     return Config(peers=tuple(peers), destinations=tuple(dests), source=source, web=web,
                   hl7_destinations=hl7, ops=ops, **sections)
+
+
+def _audit_syslog(audit: AuditConfig, base: Path) -> None:
+    """``[audit] syslog_url`` = ``tls://host:port`` (TLS only: RFC 5425), its PEM files anchored at ``base``."""
+    from urllib.parse import urlsplit
+
+    for key in ("syslog_ca", "syslog_cert", "syslog_key"):
+        value = getattr(audit, key)
+        if value and not Path(value).is_absolute():
+            object.__setattr__(audit, key, str(base / value))
+    if bool(audit.syslog_cert) != bool(audit.syslog_key):
+        raise ConfigError("[audit] syslog_cert and syslog_key must be set together")
+    if not audit.syslog_url:
+        return
+    parts = urlsplit(audit.syslog_url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "tls" or not parts.hostname or not port or parts.path not in ("", "/"):
+        raise ConfigError(f"[audit] syslog_url = {audit.syslog_url!r} must be tls://host:port "
+                          "(syslog over TLS, RFC 5425; 6514 is the usual port)")
 
 
 def _ops_config(values: Any, base: Path) -> OpsConfig:

@@ -88,6 +88,7 @@ class Node:
         self._engine: Any = None
         self._web: Any = None
         self._ops: Any = None  # [ops]: /metrics and /healthz (scp_node.ops.server)
+        self._atna: Any = None  # [audit] syslog_url: audit rows to the ATNA repository (scp_node.audit.syslog)
         self._stopped = threading.Event()
 
     # -- analysis ----------------------------------------------------------------------------
@@ -192,6 +193,14 @@ class Node:
         self._lock_var_dir()
         if c.ops is not None:  # first: a monitor sees the start (503 until every part is up)
             self._start_ops()
+        if c.audit.syslog_url:  # its cursor starts before this start's first row
+            from .audit.syslog import SyslogForwarder
+
+            try:
+                self._atna = SyslogForwarder(self.db, c.audit, c.node.ae_title, c.var_dir,
+                                             poll=c.scheduler.poll_seconds)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise StartupError(f"[audit] syslog_ca / syslog_cert / syslog_key: {exc}") from None
         if c.engine.backend == "transformers":  # a served model's weights are the server's
             prepare_model_dir(c)
         c.store.storage_dir.mkdir(parents=True, exist_ok=True)
@@ -227,6 +236,8 @@ class Node:
         self.audit.record(Event.NODE_STARTED, ae_title=c.node.ae_title, peer=f"{c.node.host}:{c.node.port}",
                           detail=f"scp_node {__version__}; model {ident.name}"
                                  + (" (TEST MODEL)" if ident.is_test_model else ""))
+        if self._atna is not None:
+            self._atna.start()
         log.info("listening as %s on %s:%d", c.node.ae_title, c.node.host, c.node.port)
 
     def _start_ops(self) -> None:
@@ -317,6 +328,9 @@ class Node:
             self._ops.stop()
             self._ops = None
         self.audit.record(Event.NODE_STOPPED, ae_title=self.config.node.ae_title)
+        if self._atna is not None:  # the last rows, node.stopped included
+            self._atna.stop()
+            self._atna = None
         self._remove_pid()
         self.db.dispose()
         self._lock_file.close()  # releases the flock
