@@ -311,6 +311,41 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class WebhookDestination:
+    """A system that gets each SR's JSON sidecar by HTTPS POST (``[[webhooks]]``), with a bearer
+    token read from ``token_file``; queued, retried and dead-lettered like the DICOM exports."""
+
+    name: str
+    url: str
+    #: File holding the bearer token (sent as ``Authorization: Bearer``); empty: no token.
+    token_file: str = field(default="", repr=False)
+    #: PEM CA to verify the receiver's certificate (empty: the system store).
+    tls_ca: str = ""
+    timeout_seconds: float = 30.0
+    modalities: tuple[str, ...] = ()
+    kind: str = "webhook"
+
+    @property
+    def host(self) -> str:
+        from urllib.parse import urlsplit
+
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        from urllib.parse import urlsplit
+
+        return urlsplit(self.url).port or 443
+
+    @property
+    def ae_title(self) -> str:
+        return ""
+
+    def wants(self, modality: str) -> bool:
+        return not self.modalities or modality.upper() in self.modalities
+
+
+@dataclass(frozen=True)
 class HL7Destination:
     """A HIS/RIS that gets an HL7 v2.5.1 ORU^R01 (result status P) for every SR, over MLLP
     (``[[hl7_destinations]]``); queued, retried and dead-lettered like the DICOM exports."""
@@ -364,6 +399,8 @@ class Config:
     web: WebConfig | None = None
     #: ``[[hl7_destinations]]``: ORU^R01 results over MLLP to the HIS/RIS (scp_node.export.hl7).
     hl7_destinations: tuple[HL7Destination, ...] = ()
+    #: ``[[webhooks]]``: the JSON sidecar by HTTPS POST (scp_node.export.webhook).
+    webhooks: tuple[WebhookDestination, ...] = ()
     #: ``[ops]``: metrics and health over HTTP (None: off).
     ops: OpsConfig | None = None
 
@@ -508,7 +545,8 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     """Build a :class:`Config` from parsed TOML data (plus environment overrides)."""
     data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
     _apply_env(data, os.environ if environ is None else environ)
-    unknown = set(data) - set(_SECTIONS) - set(_OPTIONAL_SECTIONS) - {"peers", "destinations", "hl7_destinations"}
+    unknown = set(data) - set(_SECTIONS) - set(_OPTIONAL_SECTIONS) - {"peers", "destinations", "hl7_destinations",
+                                                                       "webhooks"}
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
     sections = {name: _coerce(name, cls, data.get(name, {}), base) for name, cls in _SECTIONS.items()}
@@ -562,13 +600,50 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     if len({d.name for d in dests}) != len(dests):
         raise ConfigError("[[destinations]] names must be unique")
     hl7 = tuple(_hl7_destination(i, d, base) for i, d in enumerate(_tables(data, "hl7_destinations")))
-    names = [d.name for d in dests] + [h.name for h in hl7]
+    hooks = tuple(_webhook(i, d, base) for i, d in enumerate(_tables(data, "webhooks")))
+    names = [d.name for d in dests] + [h.name for h in hl7] + [w.name for w in hooks]
     if len(set(names)) != len(names):
-        raise ConfigError("[[hl7_destinations]] names must be unique and differ from the [[destinations]] names "
-                          "(an export is queued under its destination's name)")
+        raise ConfigError("[[hl7_destinations]] and [[webhooks]] names must be unique and differ from the "
+                          "[[destinations]] names (an export is queued under its destination's name)")
     ops = _ops_config(data["ops"], base) if "ops" in data else None
     return Config(peers=tuple(peers), destinations=tuple(dests), source=source, web=web,
-                  hl7_destinations=hl7, ops=ops, **sections)
+                  hl7_destinations=hl7, webhooks=hooks, ops=ops, **sections)
+
+
+def _webhook(i: int, d: Mapping[str, Any], base: Path) -> WebhookDestination:
+    """One ``[[webhooks]]`` table: name and an https URL; token_file, tls_ca, timeout_seconds, modalities."""
+    from urllib.parse import urlsplit
+
+    where = f"[[webhooks]] #{i + 1}"
+    known = {f.name for f in fields(WebhookDestination)} - {"kind"}
+    extra = set(d) - known
+    if extra:
+        raise ConfigError(f"{where}: unknown keys {sorted(extra)} (known: {', '.join(sorted(known))})")
+    if not isinstance(d.get("name"), str) or not d["name"].strip():
+        raise ConfigError(f"{where} needs name (a string)")
+    url = d.get("url")
+    parts = urlsplit(url) if isinstance(url, str) else None
+    try:
+        ok = parts is not None and parts.scheme == "https" and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where} ({d['name']}): url must be https://host[:port]/path (results travel encrypted)")
+    paths = {}
+    for key in ("token_file", "tls_ca"):
+        value = d.get(key, "")
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} ({d['name']}): {key} must be a path string")
+        paths[key] = str(base / value) if value and not Path(value).is_absolute() else value
+    timeout = d.get("timeout_seconds", 30.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"{where} ({d['name']}): timeout_seconds must be a positive number")
+    try:
+        modalities = _modalities(i, d.get("modalities", []))
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("[[destinations]]", "[[webhooks]]")) from None
+    return WebhookDestination(name=d["name"].strip(), url=url, timeout_seconds=float(timeout),  # type: ignore[arg-type]
+                              modalities=modalities, **paths)
 
 
 def _audit_syslog(audit: AuditConfig, base: Path) -> None:

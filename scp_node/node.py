@@ -157,7 +157,7 @@ class Node:
         completion = SeriesCompletion(self.db, self.audit, c.scheduler.series_stable_seconds,
                                       c.scheduler.series_max_wait_seconds)
         analysis_q = AnalysisQueue(self.db, self.audit, c.store.storage_dir, self._engine, self._build_report,
-                                   self._write_report, c.destinations + c.hl7_destinations,
+                                   self._write_report, c.destinations + c.hl7_destinations + c.webhooks,
                                    c.scheduler.max_analysis_attempts,
                                    skip_exceptions=(SeriesSkipped,), notify_not_analysed=c.report.notify_not_analysed)
         timeout = c.node.network_timeout
@@ -167,6 +167,10 @@ class Node:
                 return _send(dest, path)
 
         def _send(dest: Any, path: Path) -> object:
+            if dest.kind == "webhook":
+                from .export.webhook import send_webhook
+
+                return send_webhook(dest, path)
             if dest.kind == "hl7":
                 from .export.hl7 import send_hl7
 
@@ -177,8 +181,8 @@ class Node:
                 return send_stow(dest, path, timeout=timeout)
             return send_c_store(dest, path, calling_ae_title=c.node.ae_title, timeout=timeout)
 
-        export_q = ExportQueue(self.db, self.audit, c.store.storage_dir, c.destinations + c.hl7_destinations,
-                               c.export, send)
+        export_q = ExportQueue(self.db, self.audit, c.store.storage_dir,
+                               c.destinations + c.hl7_destinations + c.webhooks, c.export, send)
         return completion, analysis_q, export_q
 
     @staticmethod

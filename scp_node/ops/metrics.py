@@ -126,7 +126,7 @@ class NodeCollector(Collector):
         g = GaugeMetricFamily("scp_node_exports", "Export jobs by destination and state", labels=["destination", "state"])
         have = {(d, st): int(n) for d, st, n in exports}
         names = sorted({d for d, _ in have} | {d.name for d in node.config.destinations}
-                       | {d.name for d in node.config.hl7_destinations})
+                       | {d.name for d in node.config.hl7_destinations} | {d.name for d in node.config.webhooks})
         for name in names:
             for state in ExportState:
                 g.add_metric([name, state.value], have.get((name, state), 0))

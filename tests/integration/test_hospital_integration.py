@@ -1,10 +1,12 @@
 """The node's results beyond the PACS, end to end with real peers: Orthanc pushes a CXR and the
 chest CT, the node (a subprocess with the tiny test model) analyses them, and besides the SRs in
 Orthanc, the test RIS (hl7apy's MLLP server) receives a parseable HL7 v2.5.1 ORU^R01 for each
-and answers AA; /metrics, scraped with prometheus_client's parser, shows what happened."""
+and answers AA, a webhook gets each SR's JSON sidecar by HTTPS POST; /metrics, scraped with
+prometheus_client's parser, shows what happened."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -36,6 +38,12 @@ def test_oru_r01_for_cxr_and_ct(tmp_path: Path, orthanc: Orthanc, node_port: int
     folder = tmp_path / "node"
     folder.mkdir()
     ops_port = free_port()
+    from tests.export.test_webhook import Receiver
+    from tests.support.rsyslog import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    hook = Receiver(certs)
+    (tmp_path / "hook.token").write_text("hook-token")
     with MLLPListener("AA") as (hl7_port, rx):
         config = write_config(folder, model_dir=test_model_dir, port=node_port, stable_seconds=1.0,
                               peers=[("ORTHANC", "127.0.0.1")],
@@ -44,6 +52,9 @@ def test_oru_r01_for_cxr_and_ct(tmp_path: Path, orthanc: Orthanc, node_port: int
                               extra=("[[hl7_destinations]]\nname = \"ris\"\nhost = \"127.0.0.1\"\n"
                                      f"port = {hl7_port}\nsending_facility = \"RADIOLOGY\"\n"
                                      "receiving_application = \"TESTRIS\"\nreceiving_facility = \"HOSP\"\n"
+                                     f"\n[[webhooks]]\nname = \"dashboard\"\n"
+                                     f"url = \"https://127.0.0.1:{hook.port}/scp\"\n"
+                                     f"token_file = \"{tmp_path / 'hook.token'}\"\ntls_ca = \"{certs.ca}\"\n"
                                      f"\n[ops]\nport = {ops_port}\n"))
         node = start_node(config, node_port)
         try:
@@ -54,12 +65,13 @@ def test_oru_r01_for_cxr_and_ct(tmp_path: Path, orthanc: Orthanc, node_port: int
             wait_for(lambda: orthanc.sr_series(cxr_study), 240, interval=1.0, what="the CXR SR in Orthanc")
             wait_for(lambda: orthanc.sr_series(ct_study), 600, interval=1.0, what="the CT SR in Orthanc")
             wait_for(lambda: len(rx.received) >= 2 or None, 60, interval=0.5, what="two ORU^R01 at the RIS")
-            wait_for(lambda: scrape(ops_port).value("scp_node_exports", state="done") == 4, 30,
-                     what="4 exports done in /metrics")
+            wait_for(lambda: scrape(ops_port).value("scp_node_exports", state="done") == 6, 30,
+                     what="6 exports done in /metrics")
             m = scrape(ops_port)
             health = healthz(ops_port)
         finally:
             assert node.stop() == 0, node.output()[-3000:]
+            hook.close()
         messages = rx.messages()  # parsed strictly as HL7 v2.5.1
     assert len(messages) == 2
     sources = {str(ds.StudyInstanceUID): ds for ds in (pydicom.dcmread(f, stop_before_pixels=True)
@@ -87,7 +99,14 @@ def test_oru_r01_for_cxr_and_ct(tmp_path: Path, orthanc: Orthanc, node_port: int
         states = con.execute("select destination, state, attempts from export_jobs order by id").fetchall()
         ok = con.execute("select count(*) from audit_events where event = 'export.ok' and detail like "
                          "'delivered to ris%'").fetchone()[0]
-    assert sorted(states) == [("pacs", "DONE", 1), ("pacs", "DONE", 1), ("ris", "DONE", 1), ("ris", "DONE", 1)]
+    assert sorted(states) == [("dashboard", "DONE", 1), ("dashboard", "DONE", 1), ("pacs", "DONE", 1),
+                              ("pacs", "DONE", 1), ("ris", "DONE", 1), ("ris", "DONE", 1)]
+    # The webhook got each SR's sidecar (JSON, no patient identifiers) with the bearer token.
+    assert len(hook.requests) == 2
+    bodies = [json.loads(body) for _, _, body in hook.requests]
+    assert {b["exam"]["modality"] for b in bodies} == {"CR", "CT"}
+    assert all(h["Authorization"] == "Bearer hook-token" for _, h, _ in hook.requests)
+    assert not any(str(ds.PatientID).encode() in body for ds in sources.values() for _, _, body in hook.requests)
     assert ok == 2
     # /metrics after the run: the counts that happened.
     assert health[0] == 200 and health[1]["status"] == "ok", health
@@ -113,4 +132,5 @@ def test_oru_r01_for_cxr_and_ct(tmp_path: Path, orthanc: Orthanc, node_port: int
     assert m.value("scp_node_analysis_stage_seconds_count", stage="export_hl7") == 2
     assert m.value("scp_node_engine_generated_tokens_total") > 0
     assert m.value("scp_node_engine_tokens_per_second") > 0
-    assert m.value("scp_node_audit_events_total", event="export.ok") == 4
+    assert m.value("scp_node_audit_events_total", event="export.ok") == 6
+    assert m.value("scp_node_analysis_stage_seconds_count", stage="export_webhook") == 2
