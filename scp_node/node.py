@@ -13,7 +13,6 @@ import gc
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,20 +32,10 @@ from .scheduler.analysis import AnalysisQueue
 from .scheduler.completion import SeriesCompletion
 from .scheduler.exports import ExportQueue
 from .runtime import LOCK_FILE, PID_FILE, open_database
+from .runtime import gpu_memory as _gpu_memory
 from .store.ingest import Ingestor
 
 log = logging.getLogger(__name__)
-
-
-def _gpu_memory() -> dict[str, Any]:
-    """GPU memory of this process (allocated / reserved by torch), when CUDA is in use."""
-    torch = sys.modules.get("torch")  # never import torch just to report on it
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return {}
-    return {"gpu_device": torch.cuda.get_device_name(0),
-            "gpu_memory_allocated_bytes": int(torch.cuda.memory_allocated()),
-            "gpu_memory_reserved_bytes": int(torch.cuda.memory_reserved()),
-            "gpu_memory_total_bytes": int(torch.cuda.get_device_properties(0).total_memory)}
 
 
 class StartupError(RuntimeError):

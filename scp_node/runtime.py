@@ -6,6 +6,9 @@ processes open the index as the node does), so none of them imports another for 
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 from .audit import AuditTrail, load_or_create_secret
 from .config import Config
 from .store.db import Database
@@ -21,3 +24,14 @@ def open_database(config: Config) -> tuple[Database, AuditTrail]:
     db = Database(config.store.database_url)
     secret = load_or_create_secret(config.audit.secret_file)
     return db, AuditTrail(db, secret)
+
+
+def gpu_memory() -> dict[str, Any]:
+    """GPU memory of this process (allocated / reserved by torch), when CUDA is in use."""
+    torch = sys.modules.get("torch")  # never import torch just to report on it
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"gpu_device": torch.cuda.get_device_name(0),
+            "gpu_memory_allocated_bytes": int(torch.cuda.memory_allocated()),
+            "gpu_memory_reserved_bytes": int(torch.cuda.memory_reserved()),
+            "gpu_memory_total_bytes": int(torch.cuda.get_device_properties(0).total_memory)}

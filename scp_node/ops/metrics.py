@@ -165,7 +165,7 @@ class NodeCollector(Collector):
         if stats.last_tokens_per_second is not None:
             yield GaugeMetricFamily("scp_node_engine_tokens_per_second", "Generated tokens per second of the "
                                     "engine's last analysis", value=stats.last_tokens_per_second)
-        from ..node import _gpu_memory
+        from ..runtime import gpu_memory as _gpu_memory
 
         gpu = _gpu_memory()
         if gpu:
