@@ -69,14 +69,16 @@ if TYPE_CHECKING:
 FAST_PATH_ENV = "SCP_NODE__NODE__FAST_PATH"
 
 
-@pytest.fixture(params=["fast", "library"])
-def receive_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture(scope="module", params=["fast", "library"])
+def receive_path(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run the test once on the fast path and once on pynetdicom's own path ([node] fast_path =
     false), so the fast path is always checked against the library's behaviour.  Network test
     modules use it with ``pytest.mark.usefixtures("receive_path")``; it is set before their node
-    starts."""
-    monkeypatch.setenv(FAST_PATH_ENV, "true" if request.param == "fast" else "false")
-    return str(request.param)
+    starts.  Module-scoped, so that a module-scoped node fixture that requests it is started once
+    per path (a node started on one path and reused for the other would test only the first)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAST_PATH_ENV, "true" if request.param == "fast" else "false")
+        yield str(request.param)
 
 
 @pytest.fixture(scope="session")

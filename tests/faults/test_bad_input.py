@@ -45,7 +45,8 @@ PYDICOM_FILES = ["badVR.dcm", "MR_truncated.dcm", "no_meta.dcm", "meta_missing_t
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, test_model_dir: Path) -> Iterator[NodeProcess]:
+def node(tmp_path_factory: pytest.TempPathFactory, test_model_dir: Path, receive_path: str) -> Iterator[NodeProcess]:
+    """One node per receive path (the fixture's dependency on receive_path restarts it for each)."""
     from tests.support.net import free_port
 
     folder = tmp_path_factory.mktemp("badinput") / "node"

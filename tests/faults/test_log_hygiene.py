@@ -45,7 +45,11 @@ RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
 def captured_log() -> Iterator[io.StringIO]:
     """The node's logging (scp_node.logs.configure, DEBUG) into a buffer; undone afterwards."""
     root = logging.getLogger()
-    saved = (root.level, [(n, logging.getLogger(n).level) for n in ("pynetdicom", "apscheduler")])
+    # (``scp-node analyze`` run in-process by another test quiets these to WARNING: start from NOTSET)
+    names = ("pynetdicom", "apscheduler", "scp_node", "highdicom", "pydicom")
+    saved = (root.level, [(n, logging.getLogger(n).level) for n in names])
+    for name in names[2:]:
+        logging.getLogger(name).setLevel(logging.NOTSET)
     buf = io.StringIO()
     handler = logs.configure(verbose=True, stream=buf)
     try:

@@ -107,7 +107,7 @@ def test_orthanc_node_server_sr_back(tmp_path: Path, orthanc: Orthanc, node_port
             # transformers serve ignores response_format: the audit says the lenient parser was the fallback.
             assert detail.startswith(("extraction: ", "answer: ")) and "response_format json_schema" in detail, detail
             assert outcome == "warning" and "lenient parser fallback" in detail, detail
-    assert any("85 image(s), png" in r[4] for r in requests), requests
+    assert any("16 image(s), png" in r[4] for r in requests), requests  # ct_max_slices = 16
     # No PHI and no image bytes in the audit or the node's log.
     pid = str(pydicom.dcmread(cxr, stop_before_pixels=True).PatientID)
     assert pid not in audit_dump
