@@ -9,7 +9,7 @@ Public API::
     ReportingNode                           # who creates the SR (General Equipment)
 """
 
-from scp_node.report.node import ReportingNode
+from scp_node.report.creator import ReportingNode
 from scp_node.report.sidecar import findings_json
 from scp_node.report.sr import build_measurement_report
 from scp_node.report.storage import read_report, write_report

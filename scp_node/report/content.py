@@ -73,7 +73,7 @@ from pydicom.sr.coding import Code
 from scp_node.engine.result import AnalysisResult, Finding, ModelIdentity, StructuredFindings
 from scp_node.engine.result import ImageRegion as ModelRegion
 from scp_node.report import codes
-from scp_node.report.node import ReportingNode
+from scp_node.report.creator import ReportingNode
 from scp_node.report.text import (
     clean_text,
     parse_failed_note,

@@ -16,7 +16,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 
 from scp_node.engine.result import ModelIdentity
 from scp_node.report import codes
-from scp_node.report.node import ReportingNode
+from scp_node.report.creator import ReportingNode
 
 _ST_MAX = 1024  # Contribution Description is ST
 

@@ -34,7 +34,7 @@ from scp_node.engine.result import AnalysisResult
 from scp_node.report import codes
 from scp_node.report.content import SourceImage, build_content, report_language
 from scp_node.report.equipment import model_equipment
-from scp_node.report.node import ReportingNode
+from scp_node.report.creator import ReportingNode
 from scp_node.report.text import (
     EMPTY_FINDINGS_PLACEHOLDER,
     UTF8_CHARACTER_SET,

@@ -15,7 +15,7 @@ import pytest
 from tests.support.net import wait_for
 from tests.support.node import cli, start_node, write_config
 from tests.support.orthanc import Orthanc
-from tests.support.paths import CT_DIR, DATA, need_data, tool
+from tests.support.paths import CT_DIR, DATA, data_files, tool
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +39,8 @@ def _check_sr(orthanc: Orthanc, study_id: str, source: Path, out: Path) -> pydic
 
 def test_single_ct_slice_and_three_mr_images_each_get_an_sr(tmp_path: Path, orthanc: Orthanc, node_port: int,
                                                             test_model_dir: Path) -> None:
-    ct = sorted(need_data(CT_DIR).glob("*.dcm"))[60]
-    mr = sorted(need_data(MR_DIR).glob("*.dcm"))[:3]
+    ct = data_files(CT_DIR, at_least=61)[60]
+    mr = data_files(MR_DIR, at_least=3)[:3]
     folder = tmp_path / "node"
     folder.mkdir()
     config = write_config(folder, model_dir=test_model_dir, port=node_port,

@@ -17,7 +17,7 @@ from tests.faults.helpers import acknowledged, copy_series, set_keys, storescu
 from tests.support.net import free_port, wait_for
 from tests.support.node import start_node, write_config
 from tests.support.ops import healthz, scrape
-from tests.support.paths import CT_DIR, need_data
+from tests.support.paths import CT_DIR, data_files
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def _instances_by_pid(metrics_dir: Path) -> dict[int, float]:
 
 
 def test_metrics_count_every_receiver_process(tmp_path: Path, node_port: int, test_model_dir: Path) -> None:
-    files = sorted(need_data(CT_DIR).glob("*.dcm"))[:10]
+    files = data_files(CT_DIR, at_least=10)[:10]
     series = [copy_series(files, tmp_path / f"copy{i}") for i in range(4)]
     folder = tmp_path / "node"
     folder.mkdir()

@@ -22,7 +22,7 @@ from scp_node.config import load
 from scp_node.web import WebStartError, create_app
 from scp_node.web.frames import Offer, negotiate
 from scp_node.web.media import parse_accept
-from tests.support.paths import CT_DIR, DATA, need_data
+from tests.support.paths import CT_DIR, DATA, data_files, need_data
 from tests.web.conftest import TOKEN, WebNode, serve_in_process
 from tests.web.test_web_protocol import multipart, post
 
@@ -225,7 +225,7 @@ def test_frames_of_an_instance_without_pixels_is_404(web_node: WebNode) -> None:
 # -- metadata, bulk data, QIDO ------------------------------------------------------------------
 
 def test_metadata_names_pixels_and_large_values_by_bulk_data_uri(web_node: WebNode) -> None:
-    ct = sorted(need_data(CT_DIR).glob("*.dcm"))[0]
+    ct = data_files(CT_DIR)[0]
     assert post(web_node, multipart(ct.read_bytes())).status_code == 200
     ds = pydicom.dcmread(ct)
     series = f"{web_node.root}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
@@ -244,7 +244,7 @@ def test_metadata_names_pixels_and_large_values_by_bulk_data_uri(web_node: WebNo
 
 
 def test_qido_returns_what_ohif_shows(web_node: WebNode) -> None:
-    ct = sorted(need_data(CT_DIR).glob("*.dcm"))[:2]
+    ct = data_files(CT_DIR, at_least=2)[:2]
     assert post(web_node, multipart(*(f.read_bytes() for f in ct))).status_code == 200
     ds = pydicom.dcmread(ct[0], stop_before_pixels=True)
     (study,) = requests.get(web_node.root + "/studies", headers=AUTH, timeout=30).json()

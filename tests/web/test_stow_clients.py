@@ -22,7 +22,7 @@ import requests
 from pydicom.dataset import Dataset
 
 from scp_node.web.multipart import MAX_BOUNDARY
-from tests.support.paths import CT_DIR, CXR, need_data
+from tests.support.paths import CT_DIR, CXR, data_files, need_data
 from tests.web.conftest import TOKEN, WebNode, serve_in_process
 
 ORTHANC_BOUNDARY = f"{uuid.uuid4()}-{uuid.uuid4()}"  # 73 characters, as Orthanc writes it
@@ -71,7 +71,7 @@ def _stored(node: WebNode, raw: bytes) -> Path:
 
 
 def test_orthanc_style_upload_is_stored(web_node: WebNode, cxr: bytes) -> None:
-    ct = [p.read_bytes() for p in sorted(need_data(CT_DIR).glob("*.dcm"))[:3]]
+    ct = [p.read_bytes() for p in data_files(CT_DIR, at_least=3)[:3]]
     status, body = send(web_node, orthanc_body([cxr, *ct]), ctype())
     assert status == 200, body[:500]
     rsp = Dataset.from_json(json.loads(body))

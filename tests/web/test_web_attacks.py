@@ -25,7 +25,7 @@ import requests
 from scp_node.web import token_sha256
 from tests.support.net import free_port
 from tests.support.node import NodeProcess, start_node, write_config
-from tests.support.paths import CXR, need_data, tool
+from tests.support.paths import CXR, data_files, tool
 from tests.web.conftest import TOKEN
 
 pytestmark = pytest.mark.integration
@@ -69,7 +69,7 @@ def _echo(port: int) -> tuple[int, float]:
 
 def test_many_star_wildcard_is_answered_at_once_and_the_dimse_port_with_it(node) -> None:  # type: ignore[no-untyped-def]
     proc, dimse_port, root = node
-    cxr = sorted(need_data(CXR).glob("*.dcm"))[0]
+    cxr = data_files(CXR)[0]
     assert _stow(root, cxr).status_code == 200
     timings: dict[str, float] = {}
 
@@ -119,7 +119,7 @@ def test_fifty_thousand_parts_are_refused_with_413_and_one_audit_row(node) -> No
 
 def test_an_invalid_stored_transfer_syntax_never_reaches_a_header(node) -> None:  # type: ignore[no-untyped-def]
     proc, _dimse_port, root = node
-    cxr = sorted(need_data(CXR).glob("*.dcm"))[0]
+    cxr = data_files(CXR)[0]
     assert _stow(root, cxr).status_code == 200
     # An index row as a node without the ingest check could have written it.
     with sqlite3.connect(proc.config.parent / "index.db") as con:

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from scp_node.export import ExportError
 from scp_node.export.stow import send_stow
 from scp_node.config import Destination
-from tests.support.paths import CT_DIR, CXR, need_data
+from tests.support.paths import CT_DIR, CXR, data_files, need_data
 from tests.web.conftest import TOKEN, WebNode, serve_in_process
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -170,7 +170,7 @@ def test_every_route_needs_a_valid_bearer_token(web_node: WebNode, headers: dict
 # -- QIDO-RS ----------------------------------------------------------------------------------
 
 def test_qido_matching_paging_and_includefield(web_node: WebNode, cxr: Path) -> None:
-    ct_files = sorted(need_data(CT_DIR).glob("*.dcm"))[:5]
+    ct_files = data_files(CT_DIR, at_least=5)[:5]
     c = client(web_node)
     c.store_instances([pydicom.dcmread(cxr)] + [pydicom.dcmread(f) for f in ct_files])
     src = pydicom.dcmread(cxr, stop_before_pixels=True)

@@ -1,4 +1,7 @@
-"""Identity of this DICOM node as the creator of SR documents (General Equipment module)."""
+"""Identity of this DICOM node as the creator of SR documents (General Equipment module).
+
+(Named ``creator`` so that it is not mistaken for :mod:`scp_node.node`, which wires the node together.)
+"""
 
 from __future__ import annotations
 
