@@ -610,15 +610,20 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
                   hl7_destinations=hl7, webhooks=hooks, ops=ops, **sections)
 
 
+def _no_unknown_keys(where: str, cls: type, d: Mapping[str, Any]) -> None:
+    """Refuse a table key that ``cls`` has no field for (a typo must not be ignored)."""
+    known = {f.name for f in fields(cls)} - {"kind"}
+    extra = set(d) - known
+    if extra:
+        raise ConfigError(f"{where}: unknown keys {sorted(extra)} (known: {', '.join(sorted(known))})")
+
+
 def _webhook(i: int, d: Mapping[str, Any], base: Path) -> WebhookDestination:
     """One ``[[webhooks]]`` table: name and an https URL; token_file, tls_ca, timeout_seconds, modalities."""
     from urllib.parse import urlsplit
 
     where = f"[[webhooks]] #{i + 1}"
-    known = {f.name for f in fields(WebhookDestination)} - {"kind"}
-    extra = set(d) - known
-    if extra:
-        raise ConfigError(f"{where}: unknown keys {sorted(extra)} (known: {', '.join(sorted(known))})")
+    _no_unknown_keys(where, WebhookDestination, d)
     if not isinstance(d.get("name"), str) or not d["name"].strip():
         raise ConfigError(f"{where} needs name (a string)")
     url = d.get("url")
@@ -681,10 +686,7 @@ def _ops_config(values: Any, base: Path) -> OpsConfig:
 def _hl7_destination(i: int, d: Mapping[str, Any], base: Path) -> HL7Destination:
     """One ``[[hl7_destinations]]`` table: name, host, port; MSH names, TLS, ACK handling, routing."""
     where = f"[[hl7_destinations]] #{i + 1}"
-    known = {f.name for f in fields(HL7Destination)} - {"kind"}
-    extra = set(d) - known
-    if extra:
-        raise ConfigError(f"{where}: unknown keys {sorted(extra)} (known: {', '.join(sorted(known))})")
+    _no_unknown_keys(where, HL7Destination, d)
     for key in ("name", "host"):
         if not isinstance(d.get(key), str) or not d[key].strip():
             raise ConfigError(f"{where} needs {key} (a string)")
