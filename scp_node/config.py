@@ -82,6 +82,16 @@ class SchedulerConfig:
     #: How often the completion, analysis and export loops look for work.
     poll_seconds: float = 1.0
     max_analysis_attempts: int = 3
+    #: A worker's claim on a running analysis or export holds this long and is renewed while it
+    #: works; a worker that dies (kill -9, power) lets it lapse and another worker takes the job.
+    claim_lease_seconds: float = 120.0
+    #: How often each node refreshes its row in the fleet table (``scp-node status``).
+    heartbeat_seconds: float = 5.0
+    #: Compare each series with the patient's most recent earlier comparable study (local index
+    #: first, then the [[priors]] sources); false: no prior is looked for.
+    compare_priors: bool = True
+    #: How far back a prior may be, in days (a source's own lookback_days applies to its C-FIND).
+    prior_lookback_days: int = 1825
 
 
 @dataclass(frozen=True)
@@ -284,6 +294,25 @@ class Peer:
 
 
 @dataclass(frozen=True)
+class PriorSource:
+    """``[[priors]]``: a PACS the node asks for a patient's prior study (C-FIND study then series
+    level) and retrieves it from (C-MOVE to the node's own AE title, or C-GET)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    #: C-FIND's StudyDate range: this many days before the current study.
+    lookback_days: int = 1825
+    #: The whole search and retrieval from this source may take this long; after that the
+    #: analysis goes on without a prior and says so.
+    timeout_seconds: float = 30.0
+    #: "c-move" (to ``move_destination``, the node's own AE title by default) or "c-get".
+    retrieve: str = "c-move"
+    move_destination: str = ""
+
+
+@dataclass(frozen=True)
 class Destination:
     """Where SRs are sent: a DIMSE C-STORE SCP (kind "dimse") or a DICOMweb STOW-RS service
     (kind "dicomweb": ``url`` is the service root, host/port are taken from it for the audit)."""
@@ -403,6 +432,8 @@ class Config:
     webhooks: tuple[WebhookDestination, ...] = ()
     #: ``[ops]``: metrics and health over HTTP (None: off).
     ops: OpsConfig | None = None
+    #: ``[[priors]]``: PACS searched for prior studies (scp_node.scheduler.priors).
+    priors: tuple[PriorSource, ...] = ()
 
     @property
     def var_dir(self) -> Path:
@@ -546,7 +577,7 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
     _apply_env(data, os.environ if environ is None else environ)
     unknown = set(data) - set(_SECTIONS) - set(_OPTIONAL_SECTIONS) - {"peers", "destinations", "hl7_destinations",
-                                                                       "webhooks"}
+                                                                       "webhooks", "priors"}
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
     sections = {name: _coerce(name, cls, data.get(name, {}), base) for name, cls in _SECTIONS.items()}
@@ -606,8 +637,42 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
         raise ConfigError("[[hl7_destinations]] and [[webhooks]] names must be unique and differ from the "
                           "[[destinations]] names (an export is queued under its destination's name)")
     ops = _ops_config(data["ops"], base) if "ops" in data else None
+    priors = tuple(_prior_source(i, d, node.ae_title) for i, d in enumerate(_tables(data, "priors")))
+    if len({p.name for p in priors}) != len(priors):
+        raise ConfigError("[[priors]] names must be unique")
+    sched: SchedulerConfig = sections["scheduler"]
+    if sched.claim_lease_seconds < 10 or sched.heartbeat_seconds <= 0 \
+            or sched.heartbeat_seconds * 2 > sched.claim_lease_seconds:
+        raise ConfigError("[scheduler] claim_lease_seconds must be >= 10 and at least twice heartbeat_seconds "
+                          "(> 0): a claim is renewed every heartbeat")
     return Config(peers=tuple(peers), destinations=tuple(dests), source=source, web=web,
-                  hl7_destinations=hl7, webhooks=hooks, ops=ops, **sections)
+                  hl7_destinations=hl7, webhooks=hooks, ops=ops, priors=priors, **sections)
+
+
+def _prior_source(i: int, d: Mapping[str, Any], own_ae_title: str) -> PriorSource:
+    """One ``[[priors]]`` table: name, ae_title, host, port; look-back, timeout, retrieval."""
+    where = f"[[priors]] #{i + 1}"
+    _no_unknown_keys(where, PriorSource, d)
+    missing = [k for k in ("name", "ae_title", "host", "port") if k not in d]
+    if missing:
+        raise ConfigError(f"{where} needs {', '.join(missing)}")
+    port = d["port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"{where} port = {port!r} is not a TCP port")
+    try:
+        src = PriorSource(name=str(d["name"]), ae_title=_check_ae_title(where, str(d["ae_title"])),
+                          host=str(d["host"]), port=port, lookback_days=int(d.get("lookback_days", 1825)),
+                          timeout_seconds=float(d.get("timeout_seconds", 30.0)),
+                          retrieve=str(d.get("retrieve", "c-move")).lower(),
+                          move_destination=str(d.get("move_destination", "") or own_ae_title))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if src.retrieve not in ("c-move", "c-get"):
+        raise ConfigError(f"{where} retrieve = {src.retrieve!r}: use 'c-move' or 'c-get'")
+    if src.lookback_days < 1 or src.timeout_seconds <= 0:
+        raise ConfigError(f"{where} lookback_days must be >= 1 and timeout_seconds > 0")
+    _check_ae_title(f"{where} move_destination", src.move_destination)
+    return src
 
 
 def _no_unknown_keys(where: str, cls: type, d: Mapping[str, Any]) -> None:

@@ -37,6 +37,9 @@ FINDING_TYPES: tuple[str, ...] = (
     "cardiomegaly", "atelectasis", "pulmonary_edema", "fracture", "other",
 )
 TRIAGE_VALUES: tuple[str, ...] = ("normal", "abnormal", "urgent")
+#: How a finding changed since the prior study (the JSON schema's enum when a prior is compared).
+#: The report maps each to a coded concept (scp_node.report.codes).
+CHANGE_VALUES: tuple[str, ...] = ("new", "improved", "stable", "worsened", "resolved")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class Finding:
     region: ImageRegion | None = None  #: a box on one image (chest X-ray)
     #: CT/MR: which entry of ``AnalysisResult.sources`` the finding is on (the model's SLICE k - 1)
     source_index: int | None = None
+    #: Compared with the prior study: one of CHANGE_VALUES ("" when no prior was compared).
+    change: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ class StructuredFindings:
     recommendation: str = ""
     image_quality: str = "adequate"  #: "adequate" or "limited" (the quality gate)
     triage: str = "normal"  #: one of TRIAGE_VALUES
+    #: One sentence on the comparison with the prior ("" when no prior was compared).
+    comparison: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,40 @@ class TurnStats:
     input_tokens: int  #: prompt tokens, image tokens included
     new_tokens: int  #: tokens generated (thinking trace and final stop token included)
     seconds: float  #: wall time of the generate call (shared by the series of one batch)
+
+
+@dataclass(frozen=True)
+class PriorStudy:
+    """The earlier study a series is compared with, as the engine gets it (scheduler.priors).
+
+    Google's longitudinal CXR notebook puts the prior image first and the current one second,
+    each labelled with its date; ``paths`` are the prior series' instances in the index.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    study_date: str  #: DICOM DA (YYYYMMDD) of the prior
+    paths: tuple[str, ...]  #: files of the prior series (absolute paths)
+    source: str = "local"  #: "local" or the [[priors]] source it was retrieved from
+    interval_days: int | None = None  #: current study date minus prior study date
+
+
+@dataclass
+class Comparison:
+    """What the SR, the sidecar and HL7 say about the prior: compared, none, or not comparable."""
+
+    #: "compared": a prior went to the model with the current series; "none": no prior available;
+    #: "not_comparable": one was found but not used (``reason`` says why); "unavailable": a source
+    #: could not be searched (down, slow); the analysis went on without a prior.
+    status: str
+    reason: str = ""
+    prior_study_instance_uid: str = ""
+    prior_series_instance_uid: str = ""
+    prior_study_date: str = ""
+    interval_days: int | None = None
+    source: str = ""
+    #: The prior images that went into the model input (referenced in Pertinent Other Evidence).
+    prior_sources: list[SourceImageRef] = field(default_factory=list)
 
 
 @dataclass
@@ -112,3 +153,5 @@ class AnalysisResult:
     prepare_seconds: float = 0.0  #: preprocessing (decode, window, resize) of the series
     #: Not empty: the series was NOT analysed, for this reason; the SR only says so (no findings).
     not_analysed: str = ""
+    #: The comparison with a prior study (None: priors were not looked up for this result).
+    comparison: Comparison | None = None

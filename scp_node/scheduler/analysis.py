@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 
 from ..audit import AuditTrail, Event
 from ..config import Destination
-from ..engine.result import AnalysisResult, ModelIdentity, SourceImageRef
+from ..engine.result import AnalysisResult, Comparison, ModelIdentity, PriorStudy, SourceImageRef
 from ..store.db import Database
 from ..store.files import instance_path
 from ..store.models import (AnalysisJob, ExportJob, ExportState, Instance, JobState, Report, Series,
@@ -38,6 +38,14 @@ class SeriesAnalyser(Protocol):
     """What the queue needs from the engine."""
 
     def analyse_series(self, paths: list[Path]) -> AnalysisResult: ...
+
+
+class PriorFinder(Protocol):
+    """What the queue needs to compare a series with the patient's prior (scheduler.priors)."""
+
+    def find(self, job_id: int, series_uid: str) -> tuple[PriorStudy | None, Comparison]:
+        """The prior to give the engine (None: none), and what the report says about it."""
+        ...
 
 
 #: Builds the SR dataset from the source headers and the engine's result.
@@ -91,7 +99,7 @@ class AnalysisQueue:
                  build_report: ReportBuilder, write_report: ReportWriter,
                  destinations: tuple[Destination, ...], max_attempts: int = 3,
                  skip_exceptions: tuple[type[BaseException], ...] = (),
-                 notify_not_analysed: bool = False) -> None:
+                 notify_not_analysed: bool = False, priors: PriorFinder | None = None) -> None:
         """``skip_exceptions``: what the engine raises for a series it does not analyse. One whose
         ``notify`` attribute is true (scp_node.engine.SeriesNotAnalysed: images it cannot read) is
         recorded as "not analysed: <reason>" (audit, ``scp-node status``) and, with
@@ -106,6 +114,7 @@ class AnalysisQueue:
         self.max_attempts = max_attempts
         self.skip_exceptions = skip_exceptions
         self.notify_not_analysed = notify_not_analysed
+        self.priors = priors
 
     def run_once(self) -> bool:
         """Claim and run pending jobs; return False when there was nothing to do.
@@ -121,11 +130,14 @@ class AnalysisQueue:
             if claim is None:
                 return False
             started = time.monotonic()
+            prior, comparison = self._prior(claim)
             try:
-                result: AnalysisResult | BaseException = self.engine.analyse_series(claim.paths)
+                result: AnalysisResult | BaseException = (
+                    self.engine.analyse_series(claim.paths, prior=prior) if prior is not None
+                    else self.engine.analyse_series(claim.paths))
             except Exception as exc:  # noqa: BLE001 - finished below like a batched job's error
                 result = exc
-            self._complete(claim, result, started)
+            self._complete(claim, _with_comparison(result, comparison), started)
             return True
         claims: list[_Claim] = []
         while len(claims) < batch:
@@ -136,16 +148,30 @@ class AnalysisQueue:
         if not claims:
             return False
         started = time.monotonic()
+        found = [self._prior(c) for c in claims]
+        priors = [p for p, _ in found]
         try:
-            results = list(analyse_batch([c.paths for c in claims]))
+            results = list(analyse_batch([c.paths for c in claims], priors=priors)
+                           if any(p is not None for p in priors) else analyse_batch([c.paths for c in claims]))
             if len(results) != len(claims):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(claims)} jobs")
         except Exception as exc:  # noqa: BLE001 - the engine should not raise, but no job is lost if it does
             log.exception("batched analysis of %d jobs failed", len(claims))
             results = [exc] * len(claims)
-        for claim, result in zip(claims, results):
-            self._complete(claim, result, started)
+        for claim, result, (_, comparison) in zip(claims, results, found):
+            self._complete(claim, _with_comparison(result, comparison), started)
         return True
+
+    def _prior(self, claim: _Claim) -> tuple[PriorStudy | None, Comparison | None]:
+        """The prior for a claimed job (None, None when priors are off). A finder that fails
+        costs the comparison, never the analysis."""
+        if self.priors is None:
+            return None, None
+        try:
+            return self.priors.find(claim.job_id, claim.series_uid)
+        except Exception as exc:  # noqa: BLE001 - the analysis goes on without a prior
+            log.exception("analysis job %d: looking for a prior failed", claim.job_id)
+            return None, Comparison(status="unavailable", reason=f"prior lookup failed: {type(exc).__name__}")
 
     def _complete(self, claim: _Claim, result: AnalysisResult | BaseException, started: float) -> None:
         """Build, write and record the SR of one job, or record why it was skipped / failed."""
@@ -282,6 +308,14 @@ class AnalysisQueue:
                            detail=f"SR series {sr.SeriesInstanceUID}; exports queued: "
                                   + (", ".join(d.name for d in routed) or "none (no destination routes this modality)"),
                            study_uid=ids["study_uid"], series_uid=ids["series_uid"], patient_id=ids["patient_id"])
+
+
+def _with_comparison(result: AnalysisResult | BaseException,
+                     comparison: Comparison | None) -> AnalysisResult | BaseException:
+    """The queue's word on the prior goes on a result the engine did not already compare."""
+    if isinstance(result, AnalysisResult) and result.comparison is None and comparison is not None:
+        result.comparison = comparison
+    return result
 
 
 def _turns(result: AnalysisResult) -> str:

@@ -14,7 +14,7 @@ from sqlalchemy import or_, select
 
 from ..audit import AuditTrail, Event
 from ..store.db import Database
-from ..store.models import AnalysisJob, Series, SeriesState, utcnow
+from ..store.models import AnalysisJob, PriorFetch, Series, SeriesState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,17 @@ class SeriesCompletion:
                 forced = series.last_received_at > now - self.stable
                 series.state = SeriesState.COMPLETE
                 series.completed_at = now
+                if not series.is_prior and session.scalars(select(PriorFetch.id).where(
+                        PriorFetch.prior_study_instance_uid == series.study.study_instance_uid).limit(1)).first():
+                    series.is_prior = True  # retrieved as a prior while it was still arriving
+                if series.is_prior:  # a retrieved prior is kept for comparison, never analysed
+                    self.audit.add(session, Event.SERIES_COMPLETE, study_uid=series.study.study_instance_uid,
+                                   series_uid=series.series_instance_uid,
+                                   patient_id=series.study.patient.patient_id,
+                                   detail=f"version {series.version}, {len(series.instances)} instances; "
+                                          "a retrieved prior: not analysed")
+                    closed += 1
+                    continue
                 exists = session.scalars(select(AnalysisJob).where(
                     AnalysisJob.series_fk == series.id,
                     AnalysisJob.series_version == series.version)).first()

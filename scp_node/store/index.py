@@ -171,7 +171,8 @@ def _series(tx: IndexTransaction, row: InstanceRow, now: Any, existing: Existing
         study_id = _study(tx, row)
         series_id = tx.insert(_INSERT_SERIES, dict(
             series_instance_uid=row.series_instance_uid, study_fk=study_id, state=SeriesState.RECEIVING,
-            version=1, first_received_at=now, last_received_at=now, version_started_at=now, **row.series))
+            version=1, first_received_at=now, last_received_at=now, version_started_at=now, is_prior=False,
+            **row.series))
         return series_id, 1
     series_id, state, version = int(found[0]), found[1], int(found[2])
     if (found[3] != row.study_instance_uid or not _same(found[4], row.patient["patient_id"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime, timezone
 
-from sqlalchemy import (BigInteger, DateTime, Enum, ForeignKey, Index, Integer, String, Text,
+from sqlalchemy import (BigInteger, Boolean, DateTime, Enum, ForeignKey, Index, Integer, String, Text,
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -113,6 +113,9 @@ class Series(Base):
     #: Start of the current version's receive window (for the forced ceiling).
     version_started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: Retrieved from a PACS as the prior of another study (scp_node.scheduler.priors): indexed
+    #: and kept like any series, never analysed itself.
+    is_prior: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list["Instance"]] = relationship(back_populates="series")
     __table_args__ = (Index("ix_series_state_last", "state", "last_received_at"),)
@@ -148,6 +151,10 @@ class AnalysisJob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: The worker (NodeRecord.name) holding a RUNNING job, and until when its claim holds: a
+    #: worker renews it while it works; one that dies lets it expire and another runs the job.
+    claimed_by: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     series: Mapped[Series] = relationship()
     __table_args__ = (UniqueConstraint("series_fk", "series_version"),)
 
@@ -183,6 +190,9 @@ class ExportJob(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: As on AnalysisJob: the worker sending it and until when that claim holds.
+    claimed_by: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     report: Mapped[Report] = relationship()
     __table_args__ = (UniqueConstraint("report_fk", "destination"),)
 
@@ -203,3 +213,54 @@ class AuditEvent(Base):
     #: HMAC-SHA256 (local secret) of the PatientID; never the identifier itself.
     patient_hash: Mapped[str] = mapped_column(String(64), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class NodeRecord(Base):
+    """One running scp_node process (``serve --role ...``) sharing this index: its heartbeat.
+
+    Every node writes its row at start and refreshes ``heartbeat_at`` every few seconds;
+    ``scp-node status`` lists the live ones (the fleet) from here.
+    """
+
+    __tablename__ = "nodes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: Unique per process: "<host>:<pid>:<role>" (the claims on jobs name it).
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    ae_title: Mapped[str] = mapped_column(String(16), default="")
+    version: Mapped[str] = mapped_column(String(32), default="")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class PriorFetchState(str, enum.Enum):
+    """What became of one search for, and retrieval of, a prior study."""
+
+    PENDING = "pending"  #: C-FIND / C-MOVE in progress
+    DONE = "done"  #: the prior is in the index (found locally or retrieved)
+    NONE = "none"  #: no comparable prior exists (locally or at any source)
+    FAILED = "failed"  #: a source was down, slow or refused; the analysis went on without it
+    REFUSED = "refused"  #: a prior was found but is not comparable (other sex / birth date): reason kept
+
+
+class PriorFetch(Base):
+    """The prior study looked up for one analysis job: where it came from and how it went."""
+
+    __tablename__ = "prior_fetches"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_fk: Mapped[int] = mapped_column(ForeignKey("analysis_jobs.id"), index=True)
+    #: The current study (the one being analysed).
+    study_instance_uid: Mapped[str] = mapped_column(UID)
+    #: The prior chosen (empty while unknown, or when none).
+    prior_study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    prior_series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    #: "local" or the [[priors]] source's name.
+    source: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[PriorFetchState] = mapped_column(Enum(PriorFetchState, native_enum=False),
+                                                   default=PriorFetchState.PENDING, index=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

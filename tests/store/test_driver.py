@@ -21,7 +21,7 @@ _FIND = select(Series.__table__.c.state, Series.__table__.c.last_received_at, Se
 def _series(study_fk: int, uid: str, when: datetime) -> dict[str, object]:
     return dict(series_instance_uid=uid, study_fk=study_fk, state=SeriesState.COMPLETE, version=3,
                 first_received_at=when, last_received_at=when, version_started_at=when, modality="CT",
-                body_part_examined="", series_description="", series_number=None)
+                body_part_examined="", series_description="", series_number=None, is_prior=False)
 
 
 def test_driver_rows_read_back_as_sqlalchemy_writes_them(index_db: Database) -> None:
