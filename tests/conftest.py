@@ -92,6 +92,25 @@ def test_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One throw-away PostgreSQL cluster for the whole run (tests/support/postgres.py), started on
+    first use; each test gets its own database from :func:`postgres_url`."""
+    from tests.support.postgres import start_postgres
+
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test (SQLAlchemy URL, psycopg 3), dropped after."""
+    url = postgres_server.database_url()
+    yield url
+    postgres_server.drop_database(url)
+
+
 @pytest.fixture
 def node_port() -> int:
     from tests.support.net import free_port

@@ -9,10 +9,8 @@ row, the existing series untouched (not even its receive timer or its completion
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,19 +33,14 @@ from tests.store.realdata import CT_PATIENT_ID, CT_SLICES, ORIGIN, count, read_b
 ATTACKER_ID = "ATTACKER-0042"
 
 
-#: A PostgreSQL server to run these tests on too (a URL to its maintenance database, e.g.
-#: ``postgresql+psycopg://scp@127.0.0.1:5432/postgres``; needs ``pip install -e .[postgresql]``).
-POSTGRES_URL = os.environ.get("SCP_NODE_TEST_POSTGRES_URL", "")
-
-
 @pytest.fixture(params=["sqlite-driver", "sqlalchemy-core", "postgresql"])
 def index_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     """Each test on SQLite's driver path, through SQLAlchemy's Core execution (PostgreSQL's path)
-    on SQLite, and on a real PostgreSQL where SCP_NODE_TEST_POSTGRES_URL names one."""
+    on SQLite, and on a real PostgreSQL (the run's throw-away cluster, tests/support/postgres.py)."""
     if request.param == "postgresql":
-        if not POSTGRES_URL:
-            pytest.skip("SCP_NODE_TEST_POSTGRES_URL is not set")
-        yield from _postgres_db()
+        db = Database(request.getfixturevalue("postgres_url"))
+        yield db
+        db.dispose()
         return
     db = Database(f"sqlite:///{tmp_path / 'index.db'}")
     if request.param == "sqlalchemy-core":
@@ -59,25 +52,6 @@ def index_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
         db.index_transaction = core  # type: ignore[method-assign]
     yield db
     db.dispose()
-
-
-def _postgres_db() -> Iterator[Database]:
-    """A fresh database on the PostgreSQL server, dropped afterwards."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"scp_node_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    db = Database(make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False))
-    try:
-        yield db
-    finally:
-        db.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE "{name}"'))
-        admin.dispose()
 
 
 def _files(storage: Path) -> list[Path]:
