@@ -227,3 +227,47 @@ LANGUAGES: dict[str, Code] = {
     "en": Code("en-US", "RFC5646", "English (United States)"),
     "zh": Code("zh", "RFC5646", "Chinese"),
 }
+
+# --- Comparison with a prior study (issue 17) -----------------------------------------------
+
+#: Concept name of a finding's change since the prior study (CONTAINS CODE in the finding's
+#: measurement group, a TID 1501/1410 "qualitative evaluation"). (111049, DCM, "Qualitative
+#: Difference") is the DICOM CAD templates' name for the qualitative temporal difference of one
+#: finding against a prior; those templates value it from CID 6038/6134, whose entries describe
+#: *what* differs (size, border, "No significant changes in the finding") but have no "improved",
+#: "worsened" or "resolved", hence the values below.
+CHANGE: Code = codes.DCM.QualitativeDifference  # (111049, DCM)
+
+#: ``Finding.change`` -> SNOMED CT qualifier values of clinical course (all five are standard, so
+#: no private code is needed): Improving 385633008 and Worsening 230993007 are the values of HL7
+#: FHIR's ClinicalImpression "change pattern" value set; Stable 58158008, New 7147002 and Resolved
+#: 723506003 are the sibling qualifier values (SNOMED CT International, "(qualifier value)").
+CHANGE_VALUES: dict[str, Code] = {
+    "new": Code("7147002", "SCT", "New"),
+    "improved": Code("385633008", "SCT", "Improving"),
+    "stable": Code("58158008", "SCT", "Stable"),
+    "worsened": Code("230993007", "SCT", "Worsening"),
+    "resolved": Code("723506003", "SCT", "Resolved"),
+}
+
+#: Document-level container of what the report says about priors: (111424, DCM, "Comparison to
+#: previous studies"), the CID 6052/6053 report section/element for exactly that.
+COMPARISON: Code = codes.DCM.ComparisonToPreviousStudies  # (111424, DCM)
+#: Whether a prior was compared (CODE, valued with CID 230 Yes/No).
+COMPARISON_DONE: Code = codes.DCM.ComparisonWithPriorStudyDone  # (122140, DCM)
+YES: Code = codes.SCT.Yes  # (373066001, SCT)
+NO: Code = codes.SCT.No  # (373067005, SCT)
+#: The prior study and series (UIDREF) and its date (DATE), as TID 1001/1005 name them.
+STUDY_INSTANCE_UID: Code = codes.DCM.StudyInstanceUID  # (110180, DCM)
+SERIES_INSTANCE_UID: Code = codes.DCM.SeriesInstanceUID  # (112002, DCM)
+STUDY_DATE: Code = codes.DCM.StudyDate  # (111060, DCM)
+#: Days between the prior and the current study (NUM, UCUM "d"). No DICOM or SNOMED concept names
+#: "interval since the prior study" (SCT 385673002 "Interval" is an echo measured property, DCM
+#: 122640 "Image Interval" is acquisition timing), so it is the node's private code.
+PRIOR_INTERVAL: Code = Code("PRIORINTERVAL", "99SCPNODE", "Interval since prior study")
+DAYS: Code = codes.UCUM.Day  # (d, UCUM, "day")
+
+
+def change_code(change: str) -> Code | None:
+    """The coded change of a finding, or None for "" (no prior compared) or an unknown value."""
+    return CHANGE_VALUES.get((change or "").strip().lower())

@@ -20,16 +20,18 @@ Tree (see ``build_content`` for why each part sits where it does)::
           HAS CONCEPT MOD Finding Site = SNOMED CT structure (+ HAS CONCEPT MOD Laterality)
           HAS CONCEPT MOD Algorithm Name / Version / Parameters     TID 4019
           CONTAINS NUM Diameter (mm)                                 TID 300
+          CONTAINS CODE Qualitative Difference = change since the prior (compared prior only)
           CONTAINS TEXT Finding Site = the model's location (when not in the site table)
           CONTAINS TEXT Findings = the model's description
         -- structured parsing failed: one TID 1501 group --
           ... CODE Finding = Clinical finding, IMAGE Source of Measurement ...
           CONTAINS TEXT Comment = "structured parsing failed" note (with the reason)
           CONTAINS TEXT Findings = the model's free text
+      CONTAINS CONTAINER Comparison to previous studies   (priors looked up only; report.comparison)
       CONTAINS CONTAINER Qualitative Evaluations                  TID 1500 rows 10-12
         CONTAINS CODE AI triage category = Normal | Abnormal | Urgent
         CONTAINS CODE Image Quality = Diagnostic quality | Limited quality
-        CONTAINS TEXT Impression, TEXT Recommendation
+        CONTAINS TEXT Impression (+ the sentence on the prior), TEXT Recommendation
         CONTAINS TEXT Comment = AI review statement (zh and en for Chinese reports)
         CONTAINS TEXT Comment = test-model statement (test model only)
 """
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -50,8 +51,6 @@ from highdicom.sr import (
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     GraphicTypeValues,
-    ImageContentItem,
-    ImageLibraryEntryDescriptors,
     ImageRegion,
     LanguageOfContentItemAndDescendants,
     Measurement,
@@ -66,14 +65,15 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
-from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.sr.coding import Code
 
 from scp_node.engine.result import AnalysisResult, Finding, ModelIdentity, StructuredFindings
 from scp_node.engine.result import ImageRegion as ModelRegion
 from scp_node.report import codes
+from scp_node.report.comparison import change_evaluations, comparison_container, sentence, with_sentence
 from scp_node.report.creator import ReportingNode
+from scp_node.report.library import SourceImage, image_library
 from scp_node.report.text import (
     clean_text,
     parse_failed_note,
@@ -86,17 +86,6 @@ logger = logging.getLogger(__name__)
 
 #: Human-readable Tracking Identifier of the free-text measurement group.
 TRACKING_IDENTIFIER = "AI findings (MedGemma)"
-
-#: Concept name highdicom uses for Image Library entries (SCT 260753009 "Source").
-_LIBRARY_ENTRY = Code("260753009", "SCT", "Source")
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    """One referenced instance: its header and the frames (1-based) the model used, if any."""
-
-    dataset: Dataset
-    frame_numbers: tuple[int, ...] = ()
 
 
 def algorithm_parameters(result: AnalysisResult) -> list[str]:
@@ -141,50 +130,6 @@ def observation_context(
         )
     )
 
-
-def _library_descriptors(image: Dataset) -> list:
-    """TID 1602 descriptors for one image, or none when the header cannot supply them.
-
-    highdicom builds them from attributes that are Type 2/3 in many IODs (CR has no Imager
-    Pixel Spacing, Patient Orientation may be empty), so a real header can make it fail. The
-    descriptors are optional in TID 1601; the reference itself is what matters.
-    """
-    try:
-        return list(ImageLibraryEntryDescriptors(image))
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
-        logger.debug("image library descriptors omitted for one instance: %s", type(exc).__name__)
-        return []
-
-
-def image_library(images: Sequence[SourceImage]) -> ContainerContentItem:
-    """TID 1600 Image Library listing the source instances.
-
-    Built here instead of with ``MeasurementReport(referenced_images=...)`` because highdicom
-    0.28's ``ImageLibrary`` raises on headers that lack optional descriptor attributes (for
-    example the CR ``RG1_UNCR.dcm``) and drops the group-level Frame of Reference.
-    """
-    group = ContainerContentItem(
-        name=dcm_codes.DCM.ImageLibraryGroup,
-        relationship_type=RelationshipTypeValues.CONTAINS,
-    )
-    group.ContentSequence = hd.sr.ContentSequence()
-    for source in images:
-        entry = ImageContentItem(
-            name=_LIBRARY_ENTRY,
-            referenced_sop_class_uid=source.dataset.SOPClassUID,
-            referenced_sop_instance_uid=source.dataset.SOPInstanceUID,
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        )
-        descriptors = _library_descriptors(source.dataset)
-        if descriptors:
-            entry.ContentSequence = hd.sr.ContentSequence(descriptors)
-        group.ContentSequence.append(entry)
-    library = ContainerContentItem(
-        name=dcm_codes.DCM.ImageLibrary,
-        relationship_type=RelationshipTypeValues.CONTAINS,
-    )
-    library.ContentSequence = hd.sr.ContentSequence([group])
-    return library
 
 
 def report_language(result: AnalysisResult) -> str:
@@ -363,6 +308,7 @@ def finding_group(
         algorithm_id=algorithm_identification(result),
         finding_sites=finding_sites,
         measurements=measurements,
+        qualitative_evaluations=change_evaluations(finding, result),
     )
     region = _image_region(finding.region, result, by_uid) if finding.region is not None else None
     slice_image = _slice_image(finding.source_index, result, by_uid) if finding.source_index is not None else None
@@ -397,14 +343,16 @@ def qualitative_evaluations(
     Chinese report, in English as well.
     """
     language = report_language(result)
+    on_prior = sentence(result, language)  # "" when priors were not looked up
     items: list = []
     if structured is not None:
         items.append(_code(codes.TRIAGE, codes.TRIAGE_VALUES.get(structured.triage, codes.TRIAGE_VALUES["abnormal"])))
         items.append(_code(codes.IMAGE_QUALITY, codes.IMAGE_QUALITY_VALUES.get(
             structured.image_quality, codes.IMAGE_QUALITY_VALUES["limited"])))
-        impression = clean_text(structured.impression).strip()
-        if impression:
-            items.append(_text(codes.IMPRESSION, impression))
+    impression = with_sentence(structured.impression if structured is not None else "", on_prior)
+    if impression:
+        items.append(_text(codes.IMPRESSION, impression))
+    if structured is not None:
         recommendation = clean_text(structured.recommendation).strip()
         if recommendation:
             items.append(_text(codes.RECOMMENDATION, recommendation))
@@ -469,5 +417,8 @@ def build_content(
         len(root),
     )
     root.insert(position, image_library(sources))
+    on_prior = comparison_container(result, language)
+    if on_prior is not None:  # read before the impression that ends with its sentence
+        root.append(on_prior)
     root.append(qualitative_evaluations(result, result.structured))
     return report

@@ -13,9 +13,12 @@ from highdicom.sr import Comprehensive3DSR
 
 from scp_node.engine.result import AnalysisResult, Finding, StructuredFindings
 from scp_node.report import codes
+from scp_node.report.comparison import prior_images, report_comparison, sentence
+from scp_node.report.content import report_language
 from scp_node.report.uids import model_device_uid
 
-#: Version of the sidecar layout; bump when keys change meaning (2: structured findings).
+#: Version of the sidecar layout; bump when keys change meaning (2: structured findings). Keys
+#: added since ("comparison", each finding's "change"/"change_code") keep the old keys' meaning.
 SIDECAR_SCHEMA = "scp_node.findings/2"
 
 
@@ -73,6 +76,34 @@ def _finding(finding: Finding, result: AnalysisResult) -> dict[str, Any]:
         ),
         "region": _region(finding, result),
         "slice": _slice(finding, result),
+        **_change(finding, result),
+    }
+
+
+def _change(finding: Finding, result: AnalysisResult) -> dict[str, Any]:
+    """The finding's change since the prior, as the SR codes it (None where the SR has none)."""
+    comparison = report_comparison(result)
+    code = codes.change_code(finding.change)
+    if comparison is None or comparison.status != "compared" or code is None:
+        return {"change": None, "change_code": None}
+    return {"change": finding.change.strip().lower(), "change_code": _code(code)}
+
+
+def _comparison(result: AnalysisResult) -> dict[str, Any] | None:
+    """What the SR says about the prior study; None when priors were not looked up."""
+    comparison = report_comparison(result)
+    if comparison is None:
+        return None
+    return {
+        "status": comparison.status,
+        "reason": comparison.reason or None,
+        "sentence": sentence(result, report_language(result)),
+        "prior_study_instance_uid": comparison.prior_study_instance_uid or None,
+        "prior_series_instance_uid": comparison.prior_series_instance_uid or None,
+        "prior_study_date": comparison.prior_study_date or None,
+        "interval_days": comparison.interval_days,
+        "source": comparison.source or None,
+        "prior_images": list(prior_images(comparison)) if comparison.status == "compared" else [],
     }
 
 
@@ -124,7 +155,8 @@ def findings_json(sr: Comprehensive3DSR, result: AnalysisResult) -> dict[str, An
             "study_instance_uid": str(sr.StudyInstanceUID),
             "series_instance_uid": series[0] if len(series) == 1 else series,
             "modality": result.modality,
-            "source_instance_count": len(sr.get_evidence()),
+            # the series' own instances: the prior's (Pertinent Other Evidence) are in "comparison"
+            "source_instance_count": len(sr.get_evidence(current_procedure_only=True)),
         },
         "model": {
             "name": model.name,
@@ -145,6 +177,7 @@ def findings_json(sr: Comprehensive3DSR, result: AnalysisResult) -> dict[str, An
         "seconds": result.seconds,
         "answer_mode": getattr(result, "answer_mode", ""),
         "not_analysed": getattr(result, "not_analysed", "") or None,
+        "comparison": _comparison(result),
         "turns": [{"name": t.name, "input_tokens": t.input_tokens, "new_tokens": t.new_tokens,
                    "seconds": round(t.seconds, 3)} for t in getattr(result, "turns", [])],
         "sr": {

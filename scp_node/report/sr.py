@@ -10,6 +10,9 @@ Document-level decisions (why):
   this node will ever say about the series (content completeness, which is what the flag is
   about; verification is a separate flag). PARTIAL when the answer was empty, because the
   report then lacks its main content (a placeholder is written instead).
+* A prior study compared with the series (``result.comparison``) is another study: its images
+  go to the Pertinent Other Evidence Sequence, never to the Current Requested Procedure
+  Evidence (what this order produced); see ``scp_node.report.comparison``.
 * Specific Character Set ISO_IR 192 when any text written (ours or the source's) is not ASCII,
   and always for a Chinese report; otherwise the source's set is kept, so old PACS that only
   handle the default repertoire are not bothered.
@@ -32,6 +35,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from scp_node import IMPLEMENTATION_VERSION_NAME
 from scp_node.engine.result import AnalysisResult
 from scp_node.report import codes
+from scp_node.report.comparison import prior_evidence, report_comparison
 from scp_node.report.content import SourceImage, build_content, report_language
 from scp_node.report.equipment import model_equipment
 from scp_node.report.creator import ReportingNode
@@ -184,6 +188,12 @@ def _utc_offset(value: datetime.datetime) -> str:
     return f"{sign}{minutes // 60:02d}{minutes % 60:02d}"
 
 
+def _says_interval(result: AnalysisResult) -> bool:
+    """True when the SR writes the private "Interval since prior study" concept."""
+    comparison = report_comparison(result)
+    return comparison is not None and comparison.interval_days is not None and comparison.interval_days >= 0
+
+
 def build_measurement_report(
     evidence: Sequence[pydicom.Dataset],
     result: AnalysisResult,
@@ -254,14 +264,17 @@ def build_measurement_report(
         )
         for scheme in (
             (codes.IHE_CODING_SCHEME, codes.SCP_NODE_CODING_SCHEME)
-            if result.structured is not None  # the private triage concept is used
+            # the private triage concept, or the private prior-interval concept, is used
+            if result.structured is not None or _says_interval(result)
             else (codes.IHE_CODING_SCHEME,)
         )
     ]
 
     first = _first_evidence_for_highdicom(evidence[0])
+    # The prior's images (another study): highdicom files them under Pertinent Other Evidence.
+    others = prior_evidence(result, str(first.StudyInstanceUID))
     sr = Comprehensive3DSR(
-        evidence=[first, *evidence[1:]],
+        evidence=[first, *evidence[1:], *others],
         content=content[0],
         series_instance_uid=series_uid,
         series_number=series_number,
@@ -293,10 +306,11 @@ def build_measurement_report(
     sr.file_meta.ImplementationClassUID = implementation_class_uid()
     sr.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     logger.info(
-        "built SR %s in series %s (%d source instances, completion %s)",
+        "built SR %s in series %s (%d source instances, %d prior instances, completion %s)",
         sr.SOPInstanceUID,
         series_uid,
         len(sources),
+        len(others),
         sr.CompletionFlag,
     )
     return sr

@@ -44,6 +44,17 @@ SERIES_DESCRIPTION_NOT_ANALYSED = "AI: series NOT analysed (MedGemma) - see reas
 SERIES_DESCRIPTION = "AI findings (MedGemma) - not for diagnostic use, UNVERIFIED"
 SERIES_DESCRIPTION_TEST_MODEL = "TEST MODEL - AI findings (MedGemma) - not diagnostic, UNVERIFIED"
 
+#: The impression's sentence on priors when none was compared (issue 17), by Comparison.status;
+#: "compared" uses the model's own sentence, else ``COMPARED_FALLBACK`` with the prior's date.
+NO_PRIOR_SENTENCE = "No prior study available for comparison."
+NOT_COMPARABLE_SENTENCE = "Prior study not comparable: {reason}."
+UNAVAILABLE_SENTENCE = "Prior study could not be retrieved: {reason}."
+COMPARED_FALLBACK = "Compared with the prior study{of_date}."
+NO_PRIOR_SENTENCE_ZH = "无可供比较的既往检查。"
+NOT_COMPARABLE_SENTENCE_ZH = "既往检查不可比较：{reason}。"
+UNAVAILABLE_SENTENCE_ZH = "无法获取既往检查：{reason}。"
+COMPARED_FALLBACK_ZH = "已与{of_date}既往检查比较。"
+
 #: Specific Character Set for any non-ASCII text (Unicode in UTF-8).
 UTF8_CHARACTER_SET = "ISO_IR 192"
 
@@ -98,3 +109,35 @@ def clean_text(value: str) -> str:
 def is_ascii(values: Iterable[str | None]) -> bool:
     """True when every given string is plain 7-bit ASCII (the default character repertoire)."""
     return all(v is None or v.isascii() for v in values)
+
+
+def iso_date(da: str) -> str:
+    """DICOM DA "YYYYMMDD" as "YYYY-MM-DD" (what a reader expects); anything else as given."""
+    da = (da or "").strip()
+    return f"{da[0:4]}-{da[4:6]}-{da[6:8]}" if len(da) == 8 and da.isdigit() else da
+
+
+def comparison_sentence(status: str, *, reason: str = "", model_sentence: str = "",
+                        prior_study_date: str = "", language: str = "en") -> str:
+    """The one sentence on the prior study for the impression, the sidecar and HL7.
+
+    ``status`` is ``Comparison.status``. A compared prior is described in the model's words when
+    it gave any (one line), else by a fixed sentence with the prior's date; the other statuses
+    always get the fixed sentence, so "no prior" is never confused with "not looked up".
+    """
+    zh = language == "zh"
+    one_line = " ".join(clean_text(model_sentence or "").split())
+    cause = " ".join(clean_text(reason or "").split()).rstrip(".。") or (
+        "未说明原因" if zh else "no reason given")
+    if status == "compared":
+        if one_line:
+            return one_line
+        date = iso_date(prior_study_date)
+        if zh:
+            return COMPARED_FALLBACK_ZH.format(of_date=f"{date} 的" if date else "")
+        return COMPARED_FALLBACK.format(of_date=f" of {date}" if date else "")
+    if status == "not_comparable":
+        return (NOT_COMPARABLE_SENTENCE_ZH if zh else NOT_COMPARABLE_SENTENCE).format(reason=cause)
+    if status == "unavailable":
+        return (UNAVAILABLE_SENTENCE_ZH if zh else UNAVAILABLE_SENTENCE).format(reason=cause)
+    return NO_PRIOR_SENTENCE_ZH if zh else NO_PRIOR_SENTENCE
