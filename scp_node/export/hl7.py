@@ -17,8 +17,9 @@ every value is escaped by the library, never by string concatenation:
   which carries the evidence's patient module; the issuer from the index when the SR has none).
 - OBR: the SR's SOP Instance UID as filler order number, the accession number (OBR-18), the
   Study Instance UID (OBR-20), study date/time, result status P.
-- OBX (status P): the Study Instance UID, the impression, each finding (coded + text, its
-  change when a prior was compared), triage, recommendation, the model's report text, the
+- OBX (status P): the Study Instance UID, the impression, the comparison with the prior study
+  when priors were looked up (the sentence, and "Comparison with Prior Study Done" Yes/No), each
+  finding (coded + text, and its coded change when a prior was compared), triage, recommendation, the model's report text, the
   model's name and version, and the statement that the content is AI-generated and must be
   reviewed by a physician (plus the test-model statement for the test model).
 
@@ -74,6 +75,13 @@ OBS_COMMENT = ("121106", "Comment", "DCM")
 OBS_ALGORITHM_NAME = ("111001", "Algorithm Name", "DCM")
 OBS_ALGORITHM_VERSION = ("111003", "Algorithm Version", "DCM")
 OBS_TRIAGE = ("TRIAGE", "AI triage category", "99SCPNODE")
+#: The prior study (issue 17), with the SR's concepts (scp_node.report.codes): the sentence, whether
+#: a prior was compared (SNOMED CT Yes/No), and each finding's change (OBX-4 = the finding's).
+OBS_COMPARISON = ("111424", "Comparison to previous studies", "DCM")
+OBS_COMPARISON_DONE = ("122140", "Comparison with Prior Study Done", "DCM")
+OBS_CHANGE = ("111049", "Qualitative Difference", "DCM")
+_YES = ("373066001", "Yes", "SCT")
+_NO = ("373067005", "No", "SCT")
 
 #: HL7 table 0074 Diagnostic Service Section ID by DICOM modality.
 _SERVICE_SECTION = {"CT": "CT", "CR": "RX", "DX": "RX", "MR": "NMR", "US": "US", "NM": "NMS", "MG": "RX",
@@ -119,6 +127,8 @@ class ResultSummary:
     triage: dict[str, str] | None = None  #: {"value", "scheme", "meaning"}
     findings_text: str = ""
     not_analysed: str = ""
+    #: The sidecar's "comparison" (status, sentence, prior UIDs...); None: priors not looked up.
+    comparison: dict[str, Any] | None = None
     model_name: str = ""
     model_version: str = ""
     is_test_model: bool = False
@@ -176,6 +186,7 @@ def read_result(sr_path: Path, index_patient: Patient | None = None) -> ResultSu
     summary.triage = side.get("triage_code") if isinstance(side.get("triage_code"), dict) else None
     summary.findings_text = str(side.get("findings_text") or "")
     summary.not_analysed = str(side.get("not_analysed") or "")
+    summary.comparison = side.get("comparison") if isinstance(side.get("comparison"), dict) else None
     summary.model_name = str(model.get("name") or "")
     summary.model_version = str(model.get("version") or "")
     summary.is_test_model = bool(model.get("is_test_model"))
@@ -288,10 +299,16 @@ def build_oru_r01(summary: ResultSummary, dest: HL7Destination, *, now: datetime
     if summary.not_analysed:
         obx("TX", OBS_COMMENT, NOT_ANALYSED_TEXT.format(reason=_clean(summary.not_analysed)))
     obx("TX", OBS_IMPRESSION, summary.impression)
+    if summary.comparison is not None:
+        compared = summary.comparison.get("status") == "compared"
+        obx("CWE", OBS_COMPARISON_DONE, _coded(_YES if compared else _NO))
+        obx("TX", OBS_COMPARISON, str(summary.comparison.get("sentence") or ""))
     for k, f in enumerate(summary.findings, start=1):
         if isinstance(f.get("code"), dict):
             obx("CWE", OBS_FINDING, _coded(f["code"]), sub_id=str(k))
         obx("TX", OBS_FINDING, _finding_text(f), sub_id=str(k))
+        if isinstance(f.get("change_code"), dict):
+            obx("CWE", OBS_CHANGE, _coded(f["change_code"]), sub_id=str(k))
     if summary.triage:
         obx("CWE", OBS_TRIAGE, _coded(summary.triage))
     obx("TX", OBS_RECOMMENDATION, summary.recommendation)

@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 
 from scp_node.audit import AuditTrail, Event
 from scp_node.config import ConfigError, ExportConfig, HL7Destination, from_mapping
-from scp_node.engine.result import (AnalysisResult, Finding, ModelIdentity, SourceImageRef,
+from scp_node.engine.result import (AnalysisResult, Comparison, Finding, ModelIdentity, SourceImageRef,
                                     StructuredFindings)
 from scp_node.export.hl7 import (HL7ExportError, build_oru_r01, control_id, parse_ack, read_result,
                                  send_hl7)
@@ -30,7 +30,7 @@ from scp_node.store.db import Database
 from scp_node.store.models import AuditEvent, ExportJob, ExportState, utcnow
 from tests.support.mllp import MLLPListener, ack_for
 from tests.store.realdata import CXR_UNCR, ORIGIN, read_bytes
-from tests.support.paths import need_data
+from tests.support.paths import CXR, need_data
 
 MODEL = ModelIdentity(name="scp_node tiny random test model (MedGemma architecture)", version="test-1",
                       weights_sha256="ab" * 32, is_test_model=True)
@@ -117,6 +117,61 @@ def test_oru_r01_from_a_real_sr(sr_path: Path) -> None:
     assert any("AI-generated content: must be reviewed by a physician" in c for c in comments)
     assert any(c.startswith("TEST MODEL") for c in comments)
     assert by_id["111001"][0][3] == MODEL.name
+
+
+def test_comparison_with_the_prior_and_each_change(tmp_path: Path) -> None:
+    """A compared prior (another real CXR's study): the sentence, "Comparison with Prior Study Done"
+    Yes, and each finding's coded change next to its finding (same OBX-4), parsed back strictly."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    evidence = [pydicom.dcmread(need_data(CXR_UNCR), stop_before_pixels=True)]
+    prior = pydicom.dcmread(need_data(CXR / "CR-MONO1-10-chest_barre.dcm"), stop_before_pixels=True)
+    result = _result(evidence, impression="Nodule.")
+    assert result.structured is not None
+    result.structured = StructuredFindings(
+        findings=(Finding("nodule", "8 mm nodule", "right upper lobe", 8.0, change="worsened"),
+                  Finding("pleural_effusion", "small effusion", "left", change="resolved")),
+        impression="Nodule.", triage="abnormal", comparison="Since 1995 | the nodule grew.")
+    result.comparison = Comparison(status="compared", prior_study_instance_uid=prior.StudyInstanceUID,
+                                   prior_series_instance_uid=prior.SeriesInstanceUID, prior_study_date="19950720",
+                                   interval_days=3417, source="local",
+                                   prior_sources=[SourceImageRef(prior.SOPClassUID, prior.SOPInstanceUID)])
+    path = tmp_path / "compared.dcm"
+    Node._write_report(_build(evidence, result), path, result)
+    er7 = build_oru_r01(read_result(path), _dest(2575)).to_er7()
+    msg = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+    assert msg.validate()
+    rows = _obx(msg)
+    ids = [r[1] for r in rows]
+    assert [r[3] for r in rows if r[1] == "122140"] == ["373066001^Yes^SCT"]
+    assert [r[3] for r in rows if r[1] == "111424"] == ["Since 1995 \\F\\ the nodule grew."]
+    assert ids.index("121073") < ids.index("111424")  # right after the impression
+    changes = [(r[0], r[2], r[3]) for r in rows if r[1] == "111049"]
+    assert changes == [("CWE", "1", "230993007^Worsening^SCT"), ("CWE", "2", "723506003^Resolved^SCT")]
+    texts = [r[3] for r in rows if r[1] == "121071" and r[0] == "TX"]
+    assert "change from prior: worsened" in texts[0] and "change from prior: resolved" in texts[1]
+
+
+@pytest.mark.parametrize(("status", "reason", "sentence"), [
+    ("none", "", "No prior study available for comparison."),
+    ("unavailable", "source down", "Prior study could not be retrieved: source down."),
+])
+def test_no_compared_prior_says_so(tmp_path: Path, status: str, reason: str, sentence: str) -> None:
+    evidence = [pydicom.dcmread(need_data(CXR_UNCR), stop_before_pixels=True)]
+    result = _result(evidence, impression="Nodule.")
+    result.comparison = Comparison(status=status, reason=reason)
+    path = tmp_path / f"{status}.dcm"
+    Node._write_report(_build(evidence, result), path, result)
+    rows = _obx(build_oru_r01(read_result(path), _dest(2575)))
+    assert [r[3] for r in rows if r[1] == "122140"] == ["373067005^No^SCT"]
+    assert [r[3] for r in rows if r[1] == "111424"] == [sentence]
+    assert not [r for r in rows if r[1] == "111049"]
+
+
+def test_without_a_prior_lookup_no_comparison_observations(sr_path: Path) -> None:
+    rows = _obx(build_oru_r01(read_result(sr_path), _dest(2575)))
+    assert not [r for r in rows if r[1] in ("122140", "111424", "111049")]
 
 
 def test_zh_and_non_ascii_are_utf8(tmp_path: Path) -> None:
