@@ -36,9 +36,9 @@ import pytest
 
 from scp_node.engine.answer import region_for
 from scp_node.engine.preprocess import PadTransform
-from scp_node.engine.result import Finding, ImageRegion, StructuredFindings
+from scp_node.engine.result import Comparison, Finding, ImageRegion, SourceImageRef, StructuredFindings
 from scp_node.report import ReportingNode, build_measurement_report, write_report
-from tests.report.conftest import CT_SERIES, CXR_MONO1, _make_result
+from tests.report.conftest import CT_SERIES, CXR_MONO1, CXR_RG1, _make_result
 
 #: The 440 x 440 CR. (The padded 1955 x 1841 RG1_UNCR never paints in OHIF 3.13: its 7 MB
 #: 15-bit MONOCHROME1 frame request is aborted by the viewer; the SR region itself is valid and
@@ -177,6 +177,34 @@ def test_cxr_region_in_ohif(tools, tmp_path, via):
     assert shown["ok"], report  # an SVG annotation (the SCOORD rectangle) is drawn
     assert "SR image painted" in shown["steps"], report  # on the referenced image, painted
     # OHIF labels a TID 1410 region with its NUM and finding site (code meanings)
+    assert any("Diameter: 42.00 mm" in t and "Lower lobe of lung" in t for t in shown["svgText"]), report
+
+
+def test_cxr_with_a_compared_prior_in_ohif(tools, tmp_path, via):
+    """The SR of issue 17: a prior of another study (RG1_UNCR's, not in the PACS here) as Pertinent
+    Other Evidence, a coded change in the finding and the comparison container: OHIF still opens
+    it, draws the region on the current image and labels it as before."""
+    source = pydicom.dcmread(CXR, stop_before_pixels=True)
+    prior = pydicom.dcmread(CXR_RG1, stop_before_pixels=True)
+    result = _make_result([source], "{}", test_model=False)
+    region = region_for([400, 100, 700, 450], None, [PadTransform.for_shape(int(source.Rows), int(source.Columns))])
+    result.structured = StructuredFindings(
+        findings=(Finding("pleural_effusion", "Right pleural effusion.", "right lower lobe", 42.0, region,
+                          change="worsened"),),
+        impression="Right pleural effusion.", triage="abnormal", comparison="The effusion has increased.")
+    result.comparison = Comparison(status="compared", prior_study_instance_uid=prior.StudyInstanceUID,
+                                   prior_series_instance_uid=prior.SeriesInstanceUID, prior_study_date="20040826",
+                                   interval_days=30, source="local",
+                                   prior_sources=[SourceImageRef(prior.SOPClassUID, prior.SOPInstanceUID)])
+    built = build_measurement_report([source], result, node=_node())
+    assert "PertinentOtherEvidenceSequence" in built
+    sr = write_report(built, tmp_path / "sr.dcm")
+    label = "cxr-prior" if via == "orthanc" else f"cxr-prior-{via}"
+    with _viewer(via, tmp_path, [CXR], sr) as (server, query):
+        shown = _drive(tools, server.origin, str(source.StudyInstanceUID), label, tmp_path, query)
+    report = json.dumps(shown, indent=1, ensure_ascii=False)[:4000]
+    assert shown["ok"], report
+    assert "SR image painted" in shown["steps"], report
     assert any("Diameter: 42.00 mm" in t and "Lower lobe of lung" in t for t in shown["svgText"]), report
 
 
