@@ -202,11 +202,12 @@ IMAGE_QUALITY_VALUES: dict[str, Code] = {
     "limited": codes.RADLEX.LimitedQuality,
 }
 
-#: Private coding scheme of this node, for the one concept DICOM and SNOMED CT do not offer: the
-#: *name* "AI triage category" (SNOMED "Priority" 260870009 is an order priority and would read
-#: as one). Its *values* are standard SNOMED CT qualifier values, so receivers can still act on
-#: them: Normal (17621005) and Abnormal (263654008) are CID 222 "Normal-Abnormal", Urgent
-#: (103391001) is the CID 3414 urgency concept. PS3.16 section 8: private designators start "99".
+#: Private coding scheme of this node, for the concepts DICOM and SNOMED CT do not offer: the
+#: interval since the prior study (``PRIOR_INTERVAL`` below) and the *name* "AI triage category"
+#: (SNOMED "Priority" 260870009 is an order priority and would read as one). Its *values* are
+#: standard SNOMED CT qualifier values, so receivers can still act on them: Normal (17621005) and
+#: Abnormal (263654008) are CID 222 "Normal-Abnormal", Urgent (103391001) is the CID 3414 urgency
+#: concept. PS3.16 section 8: private designators start "99".
 SCP_NODE_CODING_SCHEME = {
     "designator": "99SCPNODE",
     "name": "scp_node private codes",

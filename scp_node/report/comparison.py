@@ -16,9 +16,10 @@ priors existed)::
 
 Why the prior's images are evidence and not IMAGE items: they belong to another study, so
 PS3.3 C.17.2 puts them in the Pertinent Other Evidence Sequence (never the Current Requested
-Procedure Evidence, which is what was done for this order); the report builder has only their
-UIDs, which is all the evidence sequence needs, and viewers such as OHIF would try to load an
-IMAGE item of another study into the SR's display set.
+Procedure Evidence, which lists what was done for this order). The report builder has only their
+UIDs, which is all the evidence sequence needs; an IMAGE item would in addition ask a viewer to
+find an image that is usually not in the study it opened. The container names the prior study by
+UID and date instead, which every SR viewer shows as text.
 """
 
 from __future__ import annotations
