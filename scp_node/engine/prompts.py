@@ -11,8 +11,10 @@ follow Google's own MedGemma 1.5 recipes (Google-Health/medgemma):
   ``max_new_tokens=2000``, greedy.
 * ``notebooks/quick_start_with_hugging_face.ipynb`` (CXR): system instruction "You are an expert
   radiologist." and the question "Describe this X-ray"; 300 new tokens, 1300 when thinking.
-  ``cxr_anatomy_localization_with_hugging_face.ipynb`` and ``cxr_longitudinal_comparison_...``
-  put the image(s) first and the query last (1000 new tokens), as the node does.
+  ``cxr_anatomy_localization_with_hugging_face.ipynb`` (1000 new tokens) and
+  ``cxr_longitudinal_comparison_with_hugging_face.ipynb`` (prior image, current image, then the
+  query; 300 new tokens) put the image(s) first and the query last, as the node does
+  (:mod:`.longitudinal` builds the conversation with a prior).
 * Thinking: Google's system instruction "SYSTEM INSTRUCTION: think silently if needed." switches it
   on; the trace is cut at ``<unused95>`` (:mod:`.thinking`), as the notebooks do.
 
@@ -51,7 +53,8 @@ THINKING_INSTRUCTION = "SYSTEM INSTRUCTION: think silently if needed."
 #: Extra new tokens for the trace when thinking (quick start notebook: 300 -> 1300).
 THINKING_EXTRA_TOKENS = 1000
 #: Report budgets: CT/MR as the CT notebook (2000), X-ray and 2D images 500 (between the quick
-#: start's 300 and the localisation notebook's 1000: room for findings and an impression).
+#: start's 300 and the localisation notebook's 1000: room for findings and an impression). A comparison
+#: with a prior keeps these budgets: the longitudinal notebook answers its comparison in 300.
 VOLUME_REPORT_TOKENS = 2000
 IMAGE_REPORT_TOKENS = 500
 #: Below this many images a CT/MR series is read as 2D images, not as a volume.
