@@ -14,7 +14,7 @@ import math
 import re
 from typing import Any, Mapping, Sequence
 
-from .result import FINDING_TYPES, TRIAGE_VALUES, Finding, ImageRegion, StructuredFindings
+from .result import CHANGE_VALUES, FINDING_TYPES, TRIAGE_VALUES, Finding, ImageRegion, StructuredFindings
 from .thinking import strip_thinking_trace
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
@@ -27,6 +27,14 @@ QUALITY_LIMITED_TEXT = {
 _HEADINGS = {
     "en": ("FINDINGS", "IMPRESSION", "RECOMMENDATION", "TRIAGE", "No findings listed."),
     "zh": ("所见", "印象", "建议", "分诊", "未列出所见。"),
+}
+_COMPARISON_HEADING = {"en": "COMPARISON", "zh": "对比"}
+#: Words a model answering without the grammar ("free" mode) uses for a change: mapped to CHANGE_VALUES.
+_CHANGE_WORDS = {
+    "unchanged": "stable", "no change": "stable", "stable": "stable", "same": "stable",
+    "improving": "improved", "improvement": "improved", "better": "improved", "decreased": "improved",
+    "worse": "worsened", "worsening": "worsened", "progressed": "worsened", "increased": "worsened",
+    "new": "new", "resolved": "resolved", "gone": "resolved",
 }
 
 
@@ -107,11 +115,23 @@ def slice_index(value: Any, n_images: int) -> int | None:
     return int(value) - 1
 
 
-def to_structured(data: Mapping[str, Any], transforms: Sequence[Any] = (), language: str = "en") -> StructuredFindings:
+def change_value(value: Any) -> str:
+    """One of CHANGE_VALUES for a model's "change" ("" when it is none of them nor a known synonym)."""
+    if not isinstance(value, str):
+        return ""
+    word = value.strip().lower()
+    return word if word in CHANGE_VALUES else _CHANGE_WORDS.get(word, "")
+
+
+def to_structured(data: Mapping[str, Any], transforms: Sequence[Any] = (), language: str = "en",
+                  compared: bool = False) -> StructuredFindings:
     """Validate a parsed answer; unknown finding types become "other", bad values their defaults.
 
     The quality gate: ``image_quality == "limited"`` drops the findings and makes the impression
     say "quality limited, consider repeating" (the flag stays for the report).
+    ``compared`` (a prior was in the input): each finding's "change" and the "comparison" sentence
+    are kept. A "resolved" finding is on the prior only: it keeps no box or slice, since those
+    index the current series' images.
     """
     quality = data.get("image_quality")
     quality = quality if quality in ("adequate", "limited") else "adequate"
@@ -127,26 +147,30 @@ def to_structured(data: Mapping[str, Any], transforms: Sequence[Any] = (), langu
         if not isinstance(item, Mapping):
             continue
         kind = item.get("finding_type", item.get("finding"))
+        change = change_value(item.get("change")) if compared else ""
+        here = change != "resolved"
         findings.append(Finding(
             finding_type=kind if kind in FINDING_TYPES else "other",
             description=_text(item.get("description")) or (_text(kind) if kind not in FINDING_TYPES else ""),
             location=_text(item.get("location"), 200),
             size_mm=_number(item.get("size_mm")),
-            region=region_for(item.get("box_2d"), item.get("image_index"), transforms),
-            source_index=slice_index(item.get("slice"), len(transforms)),
+            region=region_for(item.get("box_2d"), item.get("image_index"), transforms) if here else None,
+            source_index=slice_index(item.get("slice"), len(transforms)) if here else None,
+            change=change,
         ))
     return StructuredFindings(findings=tuple(findings), impression=_text(data.get("impression")),
                               recommendation=_text(data.get("recommendation")), image_quality=quality,
-                              triage=triage)
+                              triage=triage, comparison=_text(data.get("comparison")) if compared else "")
 
 
-def parse_answer(text: str, transforms: Sequence[Any] = (), language: str = "en") -> tuple[StructuredFindings | None, str]:
-    """``(structured, "")`` or ``(None, reason)`` for the model's text."""
+def parse_answer(text: str, transforms: Sequence[Any] = (), language: str = "en",
+                 compared: bool = False) -> tuple[StructuredFindings | None, str]:
+    """``(structured, "")`` or ``(None, reason)`` for the model's text (``compared``: see to_structured)."""
     try:
         data = extract_json(text)
     except AnswerParseError as exc:
         return None, str(exc)
-    return to_structured(data, transforms, language), ""
+    return to_structured(data, transforms, language, compared), ""
 
 
 def _size(size_mm: float) -> str:
@@ -168,9 +192,13 @@ def render_text(structured: StructuredFindings, language: str = "en") -> str:
             text += f": {finding.description}"
         if finding.size_mm is not None:
             text += f" ({_size(finding.size_mm)})"
+        if finding.change:
+            text += f" [{finding.change}]"
         lines.append(f"- {text}")
     if not structured.findings:
         lines.append(none_text)
+    if structured.comparison:
+        lines += ["", f"{_COMPARISON_HEADING.get(language, 'COMPARISON')}: {structured.comparison}"]
     if structured.impression:
         lines += ["", f"{impression_h}: {structured.impression}"]
     if structured.recommendation:

@@ -40,10 +40,11 @@ from .preprocess import (
 )
 from .answer import parse_answer, render_text
 from .batching import _groups, _Job
-from .prompts import (THINKING_EXTRA_TOKENS, PromptProfile, build_messages, extraction_messages, localisation_for,
-                      merged_profiles, profile_for_modality, validate_profiles)
-from .result import AnalysisResult, ModelIdentity, TurnStats
-from .schema import LANGUAGES, SchemaBounds, findings_schema, max_answer_tokens, schema_json
+from .longitudinal import PriorInput, conversation, prepare_with_prior
+from .prompts import (THINKING_EXTRA_TOKENS, PromptProfile, extraction_messages, merged_profiles,
+                      profile_for_modality, validate_profiles)
+from .result import AnalysisResult, Comparison, ModelIdentity, PriorStudy, TurnStats
+from .schema import LANGUAGES, SchemaBounds, schema_json
 from .thinking import THINKING_END, THINKING_START, drop_thinking_ids, strip_thinking_trace
 
 log = logging.getLogger(__name__)
@@ -476,31 +477,40 @@ class MedGemmaEngine:
     # The job
     # ---------------------------------------------------------------------------------------------
 
-    def analyse_series(self, paths: list[Path]) -> AnalysisResult:
-        """Analyse one series. Raises :class:`SeriesSkipped` when the series cannot be analysed.
+    def analyse_series(self, paths: list[Path], prior: PriorStudy | None = None) -> AnalysisResult:
+        """Analyse one series (with ``prior``: compared with that earlier study, :mod:`.longitudinal`).
+        Raises :class:`SeriesSkipped` when the series cannot be analysed.
 
         ``seconds`` in the result covers preprocessing and generation, not the one-off model load.
         """
-        [result] = self.analyse_batch([paths])
+        [result] = self.analyse_batch([paths], priors=[prior])
         if isinstance(result, BaseException):
             raise result
         return result
 
-    def analyse_batch(self, jobs: Sequence[Sequence[Path]]) -> list[AnalysisResult | BaseException]:
+    def analyse_batch(self, jobs: Sequence[Sequence[Path]],
+                      priors: Sequence[PriorStudy | None] | None = None) -> list[AnalysisResult | BaseException]:
         """Analyse several series with batched generation; one entry per job, in order.
 
-        An entry is the result, or the exception for that job alone: :class:`SeriesSkipped` (cannot
-        be analysed), :class:`EngineError` (out of memory even alone) or another error. Nothing is
-        raised for a single job, so no job of the batch is lost. CUDA OOM halves the batch and retries.
+        ``priors``: one per job (None: that job has none); jobs with and without a prior may share a
+        batch. An entry is the result, or the exception for that job alone: :class:`SeriesSkipped`
+        (cannot be analysed), :class:`EngineError` (out of memory even alone) or another error. Nothing
+        is raised for a single job, so no job of the batch is lost. CUDA OOM halves the batch and retries.
         """
         self.load()
+        priors = list(priors) if priors is not None else [None] * len(jobs)
+        if len(priors) != len(jobs):
+            raise ValueError(f"analyse_batch got {len(priors)} priors for {len(jobs)} jobs")
         out: list[AnalysisResult | BaseException | None] = [None] * len(jobs)
         pending: list[_Job] = []
-        for index, paths in enumerate(jobs):
+        for index, (paths, prior) in enumerate(zip(jobs, priors)):
             started = time.perf_counter()
             try:
-                prepared = self.prepare(list(paths))
-                pending.append(self._job(index, prepared, time.perf_counter() - started))
+                prepared, pair, comparison = prepare_with_prior(
+                    list(paths), prior, image_size=self.image_size, ct_max_slices=self.ct_max_slices,
+                    mr_max_slices=self.mr_max_slices)
+                pending.append(self._job(index, prepared, time.perf_counter() - started, pair,
+                                         comparison if pair is None else pair.comparison()))
             except Exception as exc:  # noqa: BLE001 - recorded for this job; the others go on
                 if not isinstance(exc, SeriesSkipped):
                     log.warning("series %d of the batch failed in preprocessing: %s", index + 1, type(exc).__name__)
@@ -549,26 +559,24 @@ class MedGemmaEngine:
             budget += THINKING_EXTRA_TOKENS
         return max(1, min(budget, self.max_new_tokens))
 
-    def _job(self, index: int, prepared: PreparedSeries, prepare_seconds: float) -> "_Job":
-        """The conversation, schema and budget of one series in this engine's answer mode."""
-        n = len(prepared.images)
-        profile = self.profile_for(prepared.modality, prepared.body_part, n)
+    def _job(self, index: int, prepared: PreparedSeries, prepare_seconds: float, pair: PriorInput | None = None,
+             comparison: Comparison | None = None) -> "_Job":
+        """The conversation, schema and budget of one series (and its prior) in this engine's answer mode."""
+        profile = self.profile_for(prepared.modality, prepared.body_part, len(prepared.images))
         language = profile.language or self.language
-        localisation = localisation_for(prepared.modality)
-        schema = schema_json(findings_schema(self.schema_bounds, language, n, localisation))
-        answer_limit = max_answer_tokens(self.schema_bounds, language, n, localisation)
+        talk = conversation(prepared, profile, pair, answer_mode=self.answer_mode, language=language,
+                            thinking=self.thinking, bounds=self.schema_bounds)
+        schema = schema_json(talk.schema)
+        extra = dict(localisation=talk.localisation, pair=pair, comparison=comparison)
         if self.answer_mode == "report":
-            messages = build_messages(prepared, profile, language=language, thinking=self.thinking)
-            return _Job(index, prepared, profile, language, messages, None, prepare_seconds,
-                        limit=self.report_budget(profile), localisation=localisation,
-                        extraction_schema=schema, extraction_limit=answer_limit)
-        messages = build_messages(prepared, profile, structured=True, language=language,
-                                  thinking=self.thinking and self.answer_mode == "free")
+            return _Job(index, prepared, profile, language, talk.messages, None, prepare_seconds,
+                        limit=self.report_budget(profile), extraction_schema=schema,
+                        extraction_limit=talk.answer_limit, **extra)
         if self.answer_mode == "structured":
-            return _Job(index, prepared, profile, language, messages, schema, prepare_seconds,
-                        limit=answer_limit, localisation=localisation)
-        return _Job(index, prepared, profile, language, messages, None, prepare_seconds,
-                    limit=self.report_budget(profile), localisation=localisation)
+            return _Job(index, prepared, profile, language, talk.messages, schema, prepare_seconds,
+                        limit=talk.answer_limit, **extra)
+        return _Job(index, prepared, profile, language, talk.messages, None, prepare_seconds,
+                    limit=self.report_budget(profile), **extra)
 
     def _generate_jobs(self, group: list["_Job"]) -> list[GenerationOutput]:
         """One generate call for the group (the answer, or the report turn); in "report" mode then a
@@ -584,7 +592,8 @@ class MedGemmaEngine:
         if self.answer_mode != "report":
             return [j.first for j in group]  # type: ignore[misc]
         conversations = [extraction_messages(j.messages, j.first.text, j.language,  # type: ignore[union-attr]
-                                             localisation=j.localisation, n_images=len(j.prepared.images))
+                                             localisation=j.localisation, n_images=len(j.prepared.images),
+                                             compared=j.pair is not None)
                          for j in group]
         if reuse:
             [job] = group
@@ -603,7 +612,7 @@ class MedGemmaEngine:
         report text is the model's own report; otherwise ``output`` is the one answer."""
         prepared = job.prepared
         first = job.first if job.first is not None else output
-        structured, error = parse_answer(output.text, prepared.transforms, job.language)
+        structured, error = parse_answer(output.text, prepared.transforms, job.language, job.pair is not None)
         if self.answer_mode == "report":
             turns = [TurnStats("report", first.input_tokens, first.generated_tokens, first.seconds),
                      TurnStats("extraction", output.input_tokens, output.generated_tokens, output.seconds)]
@@ -643,6 +652,7 @@ class MedGemmaEngine:
             answer_mode=self.answer_mode,
             turns=turns,
             prepare_seconds=job.prepare_seconds,
+            comparison=job.comparison,
         )
 
 

@@ -59,10 +59,11 @@ from .egress import EgressError, ServerURL, check_allowed_hosts, check_base_url,
 from .modeldir import is_test_model, weights_sha256
 from .preprocess import (DEFAULT_CT_MAX_SLICES, DEFAULT_IMAGE_SIZE, PreparedSeries, SeriesSkipped,
                          prepare_series)
-from .prompts import (THINKING_EXTRA_TOKENS, PromptProfile, build_messages, extraction_messages, localisation_for,
-                      merged_profiles, profile_for_modality, validate_profiles)
-from .result import AnalysisResult, ModelIdentity
-from .schema import LANGUAGES, SchemaBounds, findings_schema, max_answer_tokens
+from .longitudinal import conversation, prepare_with_prior
+from .prompts import (THINKING_EXTRA_TOKENS, PromptProfile, extraction_messages, merged_profiles,
+                      profile_for_modality, validate_profiles)
+from .result import AnalysisResult, ModelIdentity, PriorStudy
+from .schema import LANGUAGES, SchemaBounds
 from .thinking import strip_thinking_trace
 
 log = logging.getLogger(__name__)
@@ -434,19 +435,24 @@ class OpenAIBackend:
         except KeyError as exc:
             raise SeriesSkipped(f"no prompt profile is configured for modality {modality}") from exc
 
-    def analyse_series(self, paths: list[Path]) -> AnalysisResult:
-        [result] = self.analyse_batch([paths])
+    def analyse_series(self, paths: list[Path], prior: PriorStudy | None = None) -> AnalysisResult:
+        [result] = self.analyse_batch([paths], priors=[prior])
         if isinstance(result, BaseException):
             raise result
         return result
 
-    def analyse_batch(self, jobs: Sequence[Sequence[Path]]) -> list[AnalysisResult | BaseException]:
+    def analyse_batch(self, jobs: Sequence[Sequence[Path]],
+                      priors: Sequence[PriorStudy | None] | None = None) -> list[AnalysisResult | BaseException]:
         """Analyse series concurrently (``max_concurrent`` at once); one entry per job, in order: the
-        result or that job's exception (SeriesSkipped, ServerError, ...). Never raises for a job."""
+        result or that job's exception (SeriesSkipped, ServerError, ...). Never raises for a job.
+        ``priors``: one per job (None: none), as the embedded engine's (:mod:`.longitudinal`)."""
         self.load()
         if not jobs:
             return []
-        futures = [self._executor().submit(self._analyse, list(paths)) for paths in jobs]
+        priors = list(priors) if priors is not None else [None] * len(jobs)
+        if len(priors) != len(jobs):
+            raise ValueError(f"analyse_batch got {len(priors)} priors for {len(jobs)} jobs")
+        futures = [self._executor().submit(self._analyse, list(paths), prior) for paths, prior in zip(jobs, priors)]
         out: list[AnalysisResult | BaseException] = []
         for index, future in enumerate(futures):
             try:
@@ -480,44 +486,45 @@ class OpenAIBackend:
             budget += THINKING_EXTRA_TOKENS
         return max(1, min(budget, self.max_new_tokens))
 
-    def _analyse(self, paths: list[Path]) -> AnalysisResult:
-        """One series in this backend's answer mode: the embedded engine's conversations, as requests."""
+    def _analyse(self, paths: list[Path], prior: PriorStudy | None = None) -> AnalysisResult:
+        """One series (with its prior) in this backend's answer mode: the embedded engine's conversations,
+        as requests."""
         started = time.perf_counter()
-        prepared = self.prepare(paths)
+        prepared, pair, comparison = prepare_with_prior(paths, prior, image_size=self.image_size,
+                                                        ct_max_slices=self.ct_max_slices,
+                                                        mr_max_slices=self.mr_max_slices)
         prepare_seconds = time.perf_counter() - started
         n = len(prepared.images)
         profile = self.profile_for(prepared.modality, prepared.body_part, n)
         language = profile.language or self.language
-        localisation = localisation_for(prepared.modality)
-        schema = findings_schema(self.schema_bounds, language, n, localisation)
-        answer_limit = max_answer_tokens(self.schema_bounds, language, n, localisation)
+        talk = conversation(prepared, profile, pair, answer_mode=self.answer_mode, language=language,
+                            thinking=self.thinking, bounds=self.schema_bounds)
+        localisation, schema, answer_limit, messages = talk.localisation, talk.schema, talk.answer_limit, talk.messages
         images = _Images(self.image_format)
         study_uid, series_uid = _series_uids(paths)
+        n_input = n + (len(pair.prepared.images) if pair is not None else 0)
 
         def context(turn: str) -> _RequestLog:
-            return _RequestLog(study_uid, series_uid, turn, n)
+            return _RequestLog(study_uid, series_uid, turn, n_input)
 
         turns: list[tuple[str, Completion]] = []
         if self.answer_mode == "report":
-            messages = build_messages(prepared, profile, language=language, thinking=self.thinking)
             log_report = context("report")
             report = self.complete(messages, self.report_budget(profile), None, images=images, context=log_report)
             self._audit_answer(log_report, report, "report: free text", "success")
             turns.append(("report", report))
-            conversation = extraction_messages(messages, report.text, language, localisation=localisation,
-                                               n_images=n)
+            extraction = extraction_messages(messages, report.text, language, localisation=localisation,
+                                             n_images=n, compared=talk.compared)
             log_answer = context("extraction")
-            answer = self.complete(conversation, answer_limit, schema, images=images, context=log_answer)
+            answer = self.complete(extraction, answer_limit, schema, images=images, context=log_answer)
             turns.append(("extraction", answer))
         else:
             structured_mode = self.answer_mode == "structured"
-            messages = build_messages(prepared, profile, structured=True, language=language,
-                                      thinking=self.thinking and not structured_mode)
             log_answer = context("answer")
             answer = self.complete(messages, answer_limit if structured_mode else self.report_budget(profile),
                                    schema if structured_mode else None, images=images, context=log_answer)
             turns.append(("answer", answer))
-        structured, error = parse_answer(answer.text, prepared.transforms, language)
+        structured, error = parse_answer(answer.text, prepared.transforms, language, talk.compared)
         self._audit_parsed(log_answer, answer, structured is not None, error)
         if self.answer_mode == "report":
             text = turns[0][1].text or (render_text(structured, language) if structured is not None else "")
@@ -539,7 +546,8 @@ class OpenAIBackend:
                        sources=list(prepared.sources), prompt_profile=profile.name,
                        generated_tokens=sum(c.completion_tokens for _, c in turns), seconds=seconds,
                        structured=structured, parse_error=error, language=language, answer_mode=self.answer_mode,
-                       turns=turns, prepare_seconds=prepare_seconds)
+                       turns=turns, prepare_seconds=prepare_seconds,
+                       comparison=pair.comparison() if pair is not None else comparison)
 
     # ---------------------------------------------------------------------------------------------
     # HTTP

@@ -11,8 +11,10 @@ follow Google's own MedGemma 1.5 recipes (Google-Health/medgemma):
   ``max_new_tokens=2000``, greedy.
 * ``notebooks/quick_start_with_hugging_face.ipynb`` (CXR): system instruction "You are an expert
   radiologist." and the question "Describe this X-ray"; 300 new tokens, 1300 when thinking.
-  ``cxr_anatomy_localization_with_hugging_face.ipynb`` and ``cxr_longitudinal_comparison_...``
-  put the image(s) first and the query last (1000 new tokens), as the node does.
+  ``cxr_anatomy_localization_with_hugging_face.ipynb`` (1000 new tokens) and
+  ``cxr_longitudinal_comparison_with_hugging_face.ipynb`` (prior image, current image, then the
+  query; 300 new tokens) put the image(s) first and the query last, as the node does
+  (:mod:`.longitudinal` builds the conversation with a prior).
 * Thinking: Google's system instruction "SYSTEM INSTRUCTION: think silently if needed." switches it
   on; the trace is cut at ``<unused95>`` (:mod:`.thinking`), as the notebooks do.
 
@@ -51,7 +53,8 @@ THINKING_INSTRUCTION = "SYSTEM INSTRUCTION: think silently if needed."
 #: Extra new tokens for the trace when thinking (quick start notebook: 300 -> 1300).
 THINKING_EXTRA_TOKENS = 1000
 #: Report budgets: CT/MR as the CT notebook (2000), X-ray and 2D images 500 (between the quick
-#: start's 300 and the localisation notebook's 1000: room for findings and an impression).
+#: start's 300 and the localisation notebook's 1000: room for findings and an impression). A comparison
+#: with a prior keeps these budgets: the longitudinal notebook answers its comparison in 300.
 VOLUME_REPORT_TOKENS = 2000
 IMAGE_REPORT_TOKENS = 500
 #: Below this many images a CT/MR series is read as 2D images, not as a volume.
@@ -274,10 +277,15 @@ _FINDING_KEYS = {
 _ANSWER_FORMAT = (
     "Answer with one JSON object only, with these keys: "
     '"findings" (a list; each item has "finding_type" (one of: {finding_types}), "location", "description", '
-    '{finding_keys}), "impression", "recommendation", '
+    '{change}{finding_keys}),{comparison} "impression", "recommendation", '
     '"image_quality" ("adequate", or "limited" when the image is not interpretable: over-exposed, motion, '
     'cropped) and "triage" ("normal", "abnormal" or "urgent").'
 )
+#: With a prior study (:mod:`.longitudinal`): what the two extra keys of the answer mean. A box or
+#: slice always refers to the CURRENT images; a resolved finding is on the prior only (none then).
+_CHANGE_KEY = ('"change" (compared with the PRIOR study: {changes}; "resolved" for a finding seen on the '
+               'prior and gone now, with no box or slice), ')
+_COMPARISON_KEY = ' "comparison" (one sentence comparing the CURRENT study with the PRIOR study),'
 _LANGUAGE_LINE = {
     ("en", True): "",
     ("zh", True): " Write the text values in Simplified Chinese; keep the keys and the listed values in English.",
@@ -291,9 +299,13 @@ EXTRACTION_QUESTION = (
 )
 
 
-def answer_format(n_images: int, structured: bool, language: str = "en", localisation: str = "box") -> str:
-    """What follows the question: the JSON answer format (structured mode) and the language."""
-    from .result import FINDING_TYPES  # light module
+def answer_format(n_images: int, structured: bool, language: str = "en", localisation: str = "box",
+                  compared: bool = False) -> str:
+    """What follows the question: the JSON answer format (structured mode) and the language.
+
+    ``n_images`` counts the current series' images; ``compared``: a prior study is in the input, each
+    finding gets its "change" and the answer a "comparison" sentence (the schema's ``compared``)."""
+    from .result import CHANGE_VALUES, FINDING_TYPES  # light module
 
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {LANGUAGES}, not {language!r}")
@@ -306,7 +318,9 @@ def answer_format(n_images: int, structured: bool, language: str = "en", localis
         slice_ = (f"the number k of the SLICE k where the finding is best seen, 1 to {n_images}, or null"
                   if n_images > 1 else "1 when the finding is on the image, else null")
         keys = _FINDING_KEYS[localisation].format(image_index=index, slice=slice_)
-        text = " " + _ANSWER_FORMAT.format(finding_types=", ".join(FINDING_TYPES), finding_keys=keys)
+        change = _CHANGE_KEY.format(changes=", ".join(CHANGE_VALUES)) if compared else ""
+        text = " " + _ANSWER_FORMAT.format(finding_types=", ".join(FINDING_TYPES), finding_keys=keys,
+                                           change=change, comparison=_COMPARISON_KEY if compared else "")
     return text + _LANGUAGE_LINE[(language, structured)]
 
 
@@ -360,16 +374,17 @@ def count_images(messages: Sequence[Mapping[str, Any]]) -> int:
 
 def extraction_messages(
     report_messages: Sequence[Mapping[str, Any]], report_text: str, language: str = "en", *,
-    localisation: str = "box", n_images: int | None = None,
+    localisation: str = "box", n_images: int | None = None, compared: bool = False,
 ) -> list[dict[str, Any]]:
     """The second turn of "report" mode: the same conversation, the model's report as the assistant
     turn, then a user turn asking for the findings JSON (decoded under the findings grammar).
 
     ``report_text`` is the report without its thinking trace (Google's notebooks drop the trace
-    before using an answer). ``n_images`` defaults to the images in ``report_messages``.
+    before using an answer). ``n_images`` defaults to the images in ``report_messages`` (with a prior
+    in the conversation, pass the current series' count). ``compared``: the report compared a prior.
     """
     n = count_images(report_messages) if n_images is None else int(n_images)
-    question = EXTRACTION_QUESTION + answer_format(max(n, 1), True, language, localisation)
+    question = EXTRACTION_QUESTION + answer_format(max(n, 1), True, language, localisation, compared)
     return [
         *[dict(m) for m in report_messages],
         {"role": "assistant", "content": [{"type": "text", "text": report_text.strip()}]},

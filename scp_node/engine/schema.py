@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .result import FINDING_TYPES, TRIAGE_VALUES
+from .result import CHANGE_VALUES, FINDING_TYPES, TRIAGE_VALUES
 
 LANGUAGES: tuple[str, ...] = ("en", "zh")
 IMAGE_QUALITY_VALUES: tuple[str, ...] = ("adequate", "limited")
@@ -35,10 +35,11 @@ class SchemaBounds:
     description_chars: int = 200
     impression_chars: int = 300
     recommendation_chars: int = 200
+    comparison_chars: int = 200  #: the one sentence on the prior (only when a prior is compared)
 
     def __post_init__(self) -> None:
         for name in ("max_findings", "location_chars", "description_chars", "impression_chars",
-                     "recommendation_chars"):
+                     "recommendation_chars", "comparison_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SchemaBounds.{name} must be at least 1")
 
@@ -66,11 +67,16 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def findings_schema(bounds: SchemaBounds = SchemaBounds(), language: str = "en", n_images: int = 1,
-                    localisation: str = "box") -> dict[str, Any]:
+                    localisation: str = "box", compared: bool = False) -> dict[str, Any]:
     """JSON schema of the answer.
 
     ``localisation`` "box" (CR/DX): each finding has ``box_2d`` and ``image_index`` (1-based image);
     "slice" (CT/MR): each finding has ``slice``, the 1-based SLICE k of the prompt, and no box.
+    ``n_images`` counts the CURRENT series' images only: a box or slice always refers to them.
+    ``compared`` (a prior study went into the input, :mod:`.longitudinal`): each finding also has a
+    required ``change`` (one of CHANGE_VALUES, after its description: the model describes first, then
+    judges), and the answer a ``comparison`` sentence after the findings. Without it the schema is
+    exactly the one without priors.
     """
     index = _nullable({"type": "integer", "minimum": 1, "maximum": max(int(n_images), 1)})
     properties: dict[str, Any] = {
@@ -79,6 +85,8 @@ def findings_schema(bounds: SchemaBounds = SchemaBounds(), language: str = "en",
         "description": _text(bounds.description_chars, language),
         "size_mm": _nullable({"type": "number", "minimum": 0, "maximum": 999}),
     }
+    if compared:
+        properties = _after(properties, "description", "change", {"enum": list(CHANGE_VALUES)})
     if localisation == "slice":
         properties["slice"] = index
     elif localisation == "box":
@@ -93,18 +101,31 @@ def findings_schema(bounds: SchemaBounds = SchemaBounds(), language: str = "en",
         "required": list(properties),
         "additionalProperties": False,
     }
+    answer: dict[str, Any] = {
+        "findings": {"type": "array", "items": finding, "maxItems": bounds.max_findings},
+        "impression": _text(bounds.impression_chars, language),
+        "recommendation": _text(bounds.recommendation_chars, language),
+        "image_quality": {"enum": list(IMAGE_QUALITY_VALUES)},
+        "triage": {"enum": list(TRIAGE_VALUES)},
+    }
+    if compared:
+        answer = _after(answer, "findings", "comparison", _text(bounds.comparison_chars, language))
     return {
         "type": "object",
-        "properties": {
-            "findings": {"type": "array", "items": finding, "maxItems": bounds.max_findings},
-            "impression": _text(bounds.impression_chars, language),
-            "recommendation": _text(bounds.recommendation_chars, language),
-            "image_quality": {"enum": list(IMAGE_QUALITY_VALUES)},
-            "triage": {"enum": list(TRIAGE_VALUES)},
-        },
-        "required": ["findings", "impression", "recommendation", "image_quality", "triage"],
+        "properties": answer,
+        "required": list(answer),
         "additionalProperties": False,
     }
+
+
+def _after(properties: dict[str, Any], key: str, new_key: str, value: Any) -> dict[str, Any]:
+    """``properties`` with ``new_key`` inserted right after ``key`` (the grammar keeps this order)."""
+    out: dict[str, Any] = {}
+    for name, item in properties.items():
+        out[name] = item
+        if name == key:
+            out[new_key] = value
+    return out
 
 
 def schema_json(schema: dict[str, Any]) -> str:
@@ -113,7 +134,7 @@ def schema_json(schema: dict[str, Any]) -> str:
 
 
 def max_answer_tokens(bounds: SchemaBounds = SchemaBounds(), language: str = "en", n_images: int = 1,
-                      localisation: str = "box") -> int:
+                      localisation: str = "box", compared: bool = False) -> int:
     """Upper bound on the tokens of any answer the schema admits (+1 for the stop token).
 
     Worst case is one token per byte: the fixed JSON text (keys, quotes, commas) counted from a
@@ -130,6 +151,7 @@ def max_answer_tokens(bounds: SchemaBounds = SchemaBounds(), language: str = "en
         "size_mm": 998.999999,  # the longest number the grammar allows (six decimals)
         **({"slice": int("9" * index_digits)} if localisation == "slice"
            else {"box_2d": [1000, 1000, 1000, 1000], "image_index": int("9" * index_digits)}),
+        **({"change": max(CHANGE_VALUES, key=len)} if compared else {}),
     }
     skeleton = {
         "findings": [one_finding] * bounds.max_findings,
@@ -137,10 +159,12 @@ def max_answer_tokens(bounds: SchemaBounds = SchemaBounds(), language: str = "en
         "recommendation": "",
         "image_quality": "adequate",
         "triage": max(TRIAGE_VALUES, key=len),
+        **({"comparison": ""} if compared else {}),
     }
     fixed = len(json.dumps(skeleton, separators=(", ", ": ")).encode("utf-8")) + 4  # slack for "-0.x" forms
     strings = (bounds.max_findings * (bounds.location_chars + bounds.description_chars)
-               + bounds.impression_chars + bounds.recommendation_chars)
+               + bounds.impression_chars + bounds.recommendation_chars
+               + (bounds.comparison_chars if compared else 0))
     return fixed + per_char * strings + 1
 
 
@@ -149,4 +173,4 @@ def engine_bounds(engine_config: object) -> SchemaBounds:
     chars = int(getattr(engine_config, "max_text_chars", 300))
     return SchemaBounds(max_findings=int(getattr(engine_config, "max_findings", 6)),
                         location_chars=min(60, chars), description_chars=chars, impression_chars=chars,
-                        recommendation_chars=chars)
+                        recommendation_chars=chars, comparison_chars=chars)

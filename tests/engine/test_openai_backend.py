@@ -499,3 +499,66 @@ def test_wrong_model_name_fails_clearly(llm_server: LLMServer, audit_trail) -> N
     assert backend.identity.name == "MedGemma 1.5 4B" and not backend.identity.is_test_model
     [result] = backend.analyse_batch([[_cxr()]])
     assert isinstance(result, ServerError) and "HTTP 400" in str(result), result
+
+
+# -- comparison with a prior ------------------------------------------------------------------------
+
+
+def _cxr_with_prior():
+    import pydicom
+
+    from scp_node.engine.result import PriorStudy
+
+    prior_path = need(XRAY_DIR / "CR-MONO1-10-chest_barre.dcm")
+    ds = pydicom.dcmread(prior_path, stop_before_pixels=True)
+    return [_cxr()], PriorStudy(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "20030301", (str(prior_path),))
+
+
+def test_a_prior_goes_first_in_the_request_and_its_change_comes_back(stub_factory) -> None:
+    """The request carries the embedded engine's conversation (prior image first, dated, question last)
+    and the compared schema; the answer's change and comparison reach the result."""
+    from scp_node.engine.longitudinal import conversation, prepare_with_prior
+    from scp_node.engine.prompts import profile_for_modality
+
+    paths, prior = _cxr_with_prior()
+    finding = {**ANSWER["findings"][0], "change": "new"}
+    stub = stub_factory([(200, json.dumps({**ANSWER, "findings": [finding], "comparison": "A new nodule."}))])
+    backend = _backend(stub.base_url, answer_mode="structured")
+    result = backend.analyse_series(paths, prior=prior)
+    [body] = stub.bodies
+    content = body["messages"][1]["content"]
+    assert [c["type"] for c in content] == ["text", "image_url", "text", "image_url", "text"]
+    assert content[0]["text"] == "PRIOR STUDY (2003-03-01):" and content[2]["text"] == "CURRENT STUDY (2004-08-26):"
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert "change" in schema["properties"]["findings"]["items"]["required"] and "comparison" in schema["required"]
+    current, pair, _ = prepare_with_prior(paths, prior, image_size=896, ct_max_slices=85, mr_max_slices=85)
+    talk = conversation(current, profile_for_modality("CR"), pair, answer_mode="structured", language="en",
+                        thinking=False, bounds=SchemaBounds(**SMALL_BOUNDS))
+    assert body["messages"] == openai_messages(talk.messages, _Images("png"))  # the embedded engine's, exactly
+    assert [f.change for f in result.structured.findings] == ["new"] and result.structured.comparison == "A new nodule."
+    assert result.comparison.status == "compared" and len(result.comparison.prior_sources) == 1
+    assert len(result.sources) == 1 and result.sources[0].sop_instance_uid != result.comparison.prior_sources[0].sop_instance_uid
+    # without a prior the request is as before: one image, no change in the schema
+    backend.analyse_batch([paths, paths], priors=[None, prior])
+    plain = next(b for b in stub.bodies[1:] if len(b["messages"][1]["content"]) == 2)
+    assert "change" not in json.dumps(plain["response_format"])
+
+
+@pytest.mark.integration
+def test_served_model_with_a_prior_sees_what_the_embedded_engine_sees(llm_server: LLMServer, engine, model_dir: Path,
+                                                                     audit_trail) -> None:
+    from scp_node.engine.longitudinal import conversation, prepare_with_prior
+
+    paths, prior = _cxr_with_prior()
+    backend = _backend(llm_server.base_url, audit_trail, model=llm_server.model, max_new_tokens=8,
+                       weights_sha256=weights_sha256(model_dir), answer_mode="free")
+    result = backend.analyse_series(paths, prior=prior)
+    assert result.comparison.status == "compared" and result.comparison.interval_days == 544
+    [request] = _events(audit_trail, EVENT_REQUEST)
+    assert "2 image(s)" in request[2]
+    current, pair, _ = prepare_with_prior(paths, prior, image_size=896, ct_max_slices=85, mr_max_slices=85)
+    talk = conversation(current, engine.profile_for("CR"), pair, answer_mode="report", language="en",
+                        thinking=False, bounds=SchemaBounds(**SMALL_BOUNDS))
+    local = engine.generate(talk.messages, max_new_tokens=6)
+    served = backend.complete(talk.messages, 6)
+    assert served.prompt_tokens == local.input_tokens and served.text == local.text, (served.text, local.text)
