@@ -476,7 +476,7 @@ class MedGemmaEngine:
     # The job
     # ---------------------------------------------------------------------------------------------
 
-    def analyse_series(self, paths: list[Path]) -> AnalysisResult:
+    def analyse_series(self, paths: list[Path], prior: Any = None) -> AnalysisResult:  # TEMP: prior ignored
         """Analyse one series. Raises :class:`SeriesSkipped` when the series cannot be analysed.
 
         ``seconds`` in the result covers preprocessing and generation, not the one-off model load.
@@ -486,7 +486,8 @@ class MedGemmaEngine:
             raise result
         return result
 
-    def analyse_batch(self, jobs: Sequence[Sequence[Path]]) -> list[AnalysisResult | BaseException]:
+    def analyse_batch(self, jobs: Sequence[Sequence[Path]],
+                      priors: Any = None) -> list[AnalysisResult | BaseException]:  # TEMP: priors ignored
         """Analyse several series with batched generation; one entry per job, in order.
 
         An entry is the result, or the exception for that job alone: :class:`SeriesSkipped` (cannot
