@@ -24,7 +24,7 @@ The rules (each a function below, so a test can name the one it checks):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import date
 from typing import Any, Iterable
 
@@ -180,9 +180,3 @@ def identity_conflict(current: SeriesFacts, prior: SeriesFacts) -> str:
         return ""
     return " and ".join(differ) + (" differ" if len(differ) > 1 else " differs")
 
-
-def with_identity(facts: SeriesFacts, header: SeriesFacts) -> SeriesFacts:
-    """``facts`` with the patient values of a header (sex and birth date are read from files)."""
-    return replace(facts, patient_sex=header.patient_sex, patient_birth_date=header.patient_birth_date,
-                   study_time=facts.study_time or header.study_time,
-                   view_position=facts.view_position or header.view_position)

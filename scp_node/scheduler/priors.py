@@ -166,7 +166,8 @@ class PriorLookup:
                   and is_earlier(current, SeriesFacts("", "", study_date=st.study_date, study_time=st.study_time))
                   and (not st.modalities or any(family(m) == family(current.modality) for m in st.modalities))]
         wanted.sort(key=lambda st: (st.study_date, st.study_time), reverse=True)
-        self.audit.record(Event.PRIOR_QUERY, detail=f"C-FIND study level at {source.name}: {len(studies)} studies, "
+        found = _count(len(studies), "study", "studies")
+        self.audit.record(Event.PRIOR_QUERY, detail=f"C-FIND study level at {source.name}: {found}, "
                                                     f"{len(wanted)} earlier with a comparable modality", **ids)
         for study in wanted[:MAX_STUDIES_PER_SOURCE]:
             try:
@@ -216,10 +217,11 @@ class PriorLookup:
             self.audit.record(Event.PRIOR_RETRIEVE, outcome="failure",
                               detail=f"{how} of series {chosen.series_instance_uid} from {source.name}: {exc}", **ids)
             raise
+        finally:  # what arrived, all or part of it, is a prior: kept, never analysed
+            with self.db.session() as s:
+                s.execute(update(Series).where(Series.series_instance_uid == chosen.series_instance_uid)
+                          .values(is_prior=True))
         counts = f"{outcome.completed} completed, {outcome.failed} failed, {outcome.warning} warning"
-        with self.db.session() as s:
-            s.execute(update(Series).where(Series.series_instance_uid == chosen.series_instance_uid)
-                      .values(is_prior=True))
         path = self._first_file(chosen.series_instance_uid)
         ok = path is not None
         self.audit.record(Event.PRIOR_RETRIEVE, outcome="success" if ok and not outcome.failed else
@@ -291,8 +293,9 @@ class PriorLookup:
             if fetch is None:
                 fetch = PriorFetch(job_fk=job_id, study_instance_uid=current.study_instance_uid)
                 s.add(fetch)
+            # The prior UIDs of an earlier attempt stay until a new prior is chosen: the series
+            # completion reads them to know that a series still arriving from that attempt is a prior.
             fetch.state, fetch.detail, fetch.finished_at = PriorFetchState.PENDING, "searching", None
-            fetch.prior_study_instance_uid = fetch.prior_series_instance_uid = fetch.source = ""
             s.flush()
             return int(fetch.id)
 
@@ -301,3 +304,7 @@ class PriorLookup:
             fetch = s.get(PriorFetch, fetch_id)
             assert fetch is not None
             fetch.state, fetch.detail, fetch.finished_at = state, detail[:4000], utcnow()
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
