@@ -148,7 +148,8 @@ class Node:
         analysis_q = AnalysisQueue(self.db, self.audit, c.store.storage_dir, self._engine, self._build_report,
                                    self._write_report, c.destinations + c.hl7_destinations + c.webhooks,
                                    c.scheduler.max_analysis_attempts,
-                                   skip_exceptions=(SeriesSkipped,), notify_not_analysed=c.report.notify_not_analysed)
+                                   skip_exceptions=(SeriesSkipped,), notify_not_analysed=c.report.notify_not_analysed,
+                                   priors=self._prior_lookup())
         timeout = c.node.network_timeout
 
         def send(dest: Any, path: Path) -> object:
@@ -173,6 +174,16 @@ class Node:
         export_q = ExportQueue(self.db, self.audit, c.store.storage_dir,
                                c.destinations + c.hl7_destinations + c.webhooks, c.export, send)
         return completion, analysis_q, export_q
+
+    def _prior_lookup(self) -> Any:
+        """``[scheduler] compare_priors``: the prior finder (local index, then the [[priors]] PACS)."""
+        c = self.config
+        if not c.scheduler.compare_priors:
+            return None
+        from .scheduler.priors import PriorLookup
+
+        return PriorLookup(self.db, self.audit, c.store.storage_dir, c.priors, own_ae_title=c.node.ae_title,
+                           lookback_days=c.scheduler.prior_lookback_days, ingestor=self.ingestor)
 
     @staticmethod
     def _drain(run_once: Any, stopped: threading.Event) -> None:

@@ -45,6 +45,14 @@ class Event:
     STOW_RECEIVED = "stow.received"  #: one STOW-RS request handled (counts of stored/failed parts)
     STOW_REFUSED = "stow.refused"  #: a STOW-RS request refused as a whole (400/413/415)
     WEB_UNAUTHORIZED = "web.unauthorized"  #: a DICOMweb request without a valid bearer token (401)
+    #: Priors (scp_node.scheduler.priors): each C-FIND with its count, each C-MOVE / C-GET with its
+    #: sub-operation counts, the prior chosen, none found, or one refused (with the reason, never
+    #: the differing values).
+    PRIOR_QUERY = "prior.query"
+    PRIOR_RETRIEVE = "prior.retrieve"
+    PRIOR_FOUND = "prior.found"
+    PRIOR_NONE = "prior.none"
+    PRIOR_REFUSED = "prior.refused"
     NODE_STARTED = "node.started"
     NODE_STOPPED = "node.stopped"
     RECEIVER_RESTARTED = "node.receiver_restarted"  #: a receiver process died and was replaced

@@ -37,6 +37,29 @@ def render_not_analysed(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def prior_fetches(db: Any, limit: int = 5) -> dict[str, Any]:
+    """Prior fetches still pending (a C-FIND / C-MOVE in progress) or failed, with the latest
+    failures' reasons (scp_node.scheduler.priors; the reasons name PACS, never patients)."""
+    from sqlalchemy import func, select
+
+    from ..store.models import PriorFetch, PriorFetchState
+
+    with db.session() as s:
+        counts = dict(s.execute(select(PriorFetch.state, func.count()).group_by(PriorFetch.state)).all())
+        failed = s.scalars(select(PriorFetch).where(PriorFetch.state == PriorFetchState.FAILED)
+                           .order_by(PriorFetch.id.desc()).limit(limit)).all()
+        return {"pending": int(counts.get(PriorFetchState.PENDING, 0)),
+                "failed": int(counts.get(PriorFetchState.FAILED, 0)),
+                "latest_failures": [{"job": f.job_fk, "time": (f.finished_at or f.created_at).isoformat(timespec="seconds"),
+                                     "reason": f.detail} for f in failed]}
+
+
+def render_prior_fetches(info: dict[str, Any]) -> str:
+    lines = [f"prior fetches  {info['pending']} pending, {info['failed']} failed"]
+    lines += [f"  {r['time']} job {r['job']}: {r['reason']}" for r in info["latest_failures"]]
+    return "\n".join(lines)
+
+
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -49,8 +72,10 @@ def status(config_path: Path, as_json: bool) -> None:
     db = Database(config.store.database_url)
     st = collect(config, db)
     rows = not_analysed(db)
+    priors = prior_fetches(db)
     if as_json:
-        click.echo(json.dumps({**json.loads(st.to_json()), "not_analysed": rows}, indent=2, default=str))
+        click.echo(json.dumps({**json.loads(st.to_json()), "not_analysed": rows, "prior_fetches": priors},
+                              indent=2, default=str))
     else:
-        click.echo(render(st) + "\n" + render_not_analysed(rows))
+        click.echo(render(st) + "\n" + render_not_analysed(rows) + "\n" + render_prior_fetches(priors))
     raise SystemExit(0 if st.running else 1)

@@ -61,3 +61,54 @@ def test_analyze_shared_data_lists_every_series(tmp_path: Path, tiny_model: Path
     assert "at least 5 slices" not in skipped
     findings = json.loads((out / "findings.json").read_text(encoding="utf-8"))
     assert len(findings) == len(done) and all(f["structured"] is not None for f in findings)
+
+
+def test_analyze_compares_each_series_with_a_prior_among_the_files(tmp_path: Path, tiny_model: Path) -> None:
+    """A patient's CXR of 2024 with last year's (and a lateral view and another patient's film that
+    must not be chosen), and a second patient whose earlier film has another birth date."""
+    import pydicom
+
+    from tests.support.priors import derived_cxr
+
+    folder = tmp_path / "films"
+    made = dict(current=derived_cxr(folder / "a_2024.dcm", study_date="20240110"),
+                prior=derived_cxr(folder / "a_2023.dcm", study_date="20230110"),
+                lateral=derived_cxr(folder / "a_2023_lat.dcm", study_date="20231110", ViewPosition="LL"),
+                stranger=derived_cxr(folder / "x_2023.dcm", study_date="20231201", patient_id="SOMEONE-ELSE"),
+                b_current=derived_cxr(folder / "b_2024.dcm", study_date="20240110", patient_id="B", birth_date="19700101"),
+                b_prior=derived_cxr(folder / "b_2023.dcm", study_date="20230110", patient_id="B", birth_date="19710101"))
+    series = {k: str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for k, p in made.items()}
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = CliRunner().invoke(main, ["analyze", str(folder), "--out", str(out), "--model-dir", str(tiny_model),
+                                           "--device", "cpu", "--max-new-tokens", "16", "--batch", "3"])
+    assert result.exit_code == 0, result.output
+    with (out / "results.csv").open(encoding="utf-8") as fh:
+        rows = {r["file_or_series"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == set(series.values()) and {r["status"] for r in rows.values()} == {"done"}
+    current = rows[series["current"]]
+    assert (current["comparison"], current["prior_series"], current["prior_study_date"], current["interval_days"]) == \
+        ("compared", series["prior"], "20230110", "365")
+    assert rows[series["prior"]]["comparison"].startswith("none (no earlier comparable study")
+    assert rows[series["prior"]]["prior_series"] == rows[series["prior"]]["interval_days"] == ""
+    assert rows[series["b_current"]]["comparison"] == "not_comparable (prior not comparable: birth date differs)"
+    assert rows[series["b_current"]]["prior_series"] == ""
+    # The JSON beside the SR carries the comparison too.
+    sidecar = json.loads((out / current["sr_file"]).with_suffix(".json").read_text(encoding="utf-8"))
+    assert sidecar["comparison"]["status"] == "compared"
+    assert sidecar["comparison"]["prior_series_instance_uid"] == series["prior"]
+
+
+def test_changes_column_lists_each_findings_change() -> None:
+    from scp_node.cli.analyze import _comparison_columns
+    from scp_node.engine.result import AnalysisResult, Comparison, Finding, ModelIdentity, StructuredFindings
+
+    result = AnalysisResult(
+        modality="CR", findings_text="", model=ModelIdentity(name="m", version="0", weights_sha256="", is_test_model=True),
+        structured=StructuredFindings(findings=(Finding("pleural_effusion", change="worsened"),
+                                                Finding("nodule", change="new"), Finding("other"))),
+        comparison=Comparison(status="compared", prior_series_instance_uid="1.2", prior_study_date="20230110",
+                              interval_days=365))
+    assert _comparison_columns(result) == dict(comparison="compared", prior_series="1.2", prior_study_date="20230110",
+                                               interval_days="365", changes="pleural_effusion: worsened; nodule: new")

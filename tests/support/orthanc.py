@@ -57,6 +57,9 @@ class Orthanc:
     def sr_series(self, study_id: str) -> list[dict[str, Any]]:
         return [s for s in self.series_of_study(study_id) if s["MainDicomTags"].get("Modality") == "SR"]
 
+    def log(self) -> str:
+        return (self.folder / "orthanc.log").read_text(errors="replace")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -67,8 +70,11 @@ class Orthanc:
                 self.proc.wait()
 
 
-def start_orthanc(folder: Path, modalities: dict[str, tuple[str, str, int]], aet: str = "ORTHANC") -> Orthanc:
-    """Start Orthanc with storage in ``folder`` and the given DICOM modalities (name -> AET, host, port)."""
+def start_orthanc(folder: Path, modalities: dict[str, tuple[str, str, int]], aet: str = "ORTHANC",
+                  verbose: bool = False) -> Orthanc:
+    """Start Orthanc with storage in ``folder`` and the given DICOM modalities (name -> AET, host, port).
+
+    ``verbose``: Orthanc's ``--verbose`` log, which names each incoming C-FIND, C-MOVE and C-GET."""
     folder.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = free_port(), free_port()
     config = {
@@ -96,7 +102,7 @@ def start_orthanc(folder: Path, modalities: dict[str, tuple[str, str, int]], aet
     cfg.write_text(json.dumps(config, indent=2))
     env = dict(os.environ, TCP_NODELAY="1")
     log = open(folder / "orthanc.log", "wb")
-    proc = subprocess.Popen([tool("Orthanc"), str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env,
+    proc = subprocess.Popen([tool("Orthanc"), *(["--verbose"] if verbose else []), str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env,
                             stdin=subprocess.DEVNULL)
     orthanc = Orthanc(proc, http_port, dicom_port, aet, folder)
     try:
