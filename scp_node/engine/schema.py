@@ -75,8 +75,9 @@ def findings_schema(bounds: SchemaBounds = SchemaBounds(), language: str = "en",
     ``n_images`` counts the CURRENT series' images only: a box or slice always refers to them.
     ``compared`` (a prior study went into the input, :mod:`.longitudinal`): each finding also has a
     required ``change`` (one of CHANGE_VALUES, after its description: the model describes first, then
-    judges), and the answer a ``comparison`` sentence after the findings. Without it the schema is
-    exactly the one without priors.
+    judges), and the answer a ``comparison`` sentence after the findings, and at least one finding
+    (``no_acute_finding`` is one): a comparison that names no finding would say no change at all.
+    Without it the schema is exactly the one without priors.
     """
     index = _nullable({"type": "integer", "minimum": 1, "maximum": max(int(n_images), 1)})
     properties: dict[str, Any] = {
@@ -109,6 +110,7 @@ def findings_schema(bounds: SchemaBounds = SchemaBounds(), language: str = "en",
         "triage": {"enum": list(TRIAGE_VALUES)},
     }
     if compared:
+        answer["findings"]["minItems"] = 1
         answer = _after(answer, "findings", "comparison", _text(bounds.comparison_chars, language))
     return {
         "type": "object",

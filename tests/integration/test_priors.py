@@ -33,11 +33,6 @@ from tests.support.priors import derived_cxr
 
 pytestmark = pytest.mark.integration
 
-#: The SR and sidecar content about the comparison is the report helper's part of issue 17: turn
-#: this on once scp_node/report carries Comparison (PertinentOtherEvidenceSequence, sidecar).
-REPORT_CARRIES_COMPARISON = False  # needs report helper
-
-
 def _node(folder: Path, model: Path, port: int, orthanc: Orthanc, prior_port: int, timeout: float = 30) -> Path:
     folder.mkdir(parents=True)
     return write_config(folder, model_dir=model, port=port, stable_seconds=1.0,
@@ -78,12 +73,45 @@ def _sidecar(folder: Path, study_uid: str) -> tuple[pydicom.Dataset, dict[str, A
 
 def _check_report_comparison(sr: pydicom.Dataset, sidecar: dict[str, Any], status: str,
                              prior_study_uid: str = "") -> None:
-    """What the SR and the sidecar say about the prior (the report helper's part)."""
+    """What the SR and the sidecar say about the prior: the status; for a compared prior, the prior
+    study in Pertinent Other Evidence (never in the current study's evidence) and a coded change on
+    every finding (the grammar makes at least one finding when a prior is compared); otherwise the
+    sentence that says why there was no comparison."""
     assert sidecar["comparison"]["status"] == status, sidecar.get("comparison")
+    text = _sr_text(sr)
     if prior_study_uid:
         assert sidecar["comparison"]["prior_study_instance_uid"] == prior_study_uid
         evidence = {str(item.StudyInstanceUID) for item in sr.get("PertinentOtherEvidenceSequence", [])}
         assert prior_study_uid in evidence
+        assert prior_study_uid not in {str(i.StudyInstanceUID) for i in
+                                       sr.get("CurrentRequestedProcedureEvidenceSequence", [])}
+        findings = sidecar["findings"]
+        assert findings and all(f["change"] in ("new", "improved", "stable", "worsened", "resolved")
+                                for f in findings), findings
+        assert text.count("Qualitative Difference") == len(findings)
+        assert "Comparison with Prior Study Done" in text
+    else:
+        expected = {"none": "No prior study available for comparison.",
+                    "not_comparable": "Prior study not comparable:",
+                    "unavailable": "Prior study could not be retrieved:"}[status]
+        assert expected in text, text
+
+
+def _sr_text(sr: pydicom.Dataset) -> str:
+    """Every concept name and text/code value of the SR content tree, as one string."""
+    parts: list[str] = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            for seq in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+                for code in item.get(seq, []):
+                    parts.append(str(code.CodeMeaning))
+            if "TextValue" in item:
+                parts.append(str(item.TextValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.get("ContentSequence", []))
+    return "\n".join(parts)
 
 
 def test_prior_fetched_none_and_refused(tmp_path: Path, node_port: int, test_model_dir: Path) -> None:
@@ -146,10 +174,9 @@ def test_prior_fetched_none_and_refused(tmp_path: Path, node_port: int, test_mod
     assert not any(p in output for p in ("PAT-A", "PAT-B", "PAT-C"))
     assert "prior fetches  0 pending, 0 failed" in status.stdout, status.stdout + status.stderr
 
-    if REPORT_CARRIES_COMPARISON:  # needs report helper
-        _check_report_comparison(*_sidecar(folder, a_study), "compared", prior_study)
-        _check_report_comparison(*_sidecar(folder, _uids(b_now)[0]), "none")
-        _check_report_comparison(*_sidecar(folder, _uids(c_now)[0]), "not_comparable")
+    _check_report_comparison(*_sidecar(folder, a_study), "compared", prior_study)
+    _check_report_comparison(*_sidecar(folder, _uids(b_now)[0]), "none")
+    _check_report_comparison(*_sidecar(folder, _uids(c_now)[0]), "not_comparable")
 
 
 def test_closed_query_port_costs_at_most_the_timeout(tmp_path: Path, node_port: int, test_model_dir: Path) -> None:
@@ -183,5 +210,4 @@ def test_closed_query_port_costs_at_most_the_timeout(tmp_path: Path, node_port: 
     assert [o for (o,) in _rows(folder, "select outcome from audit_events where event = 'prior.query'")] == ["failure"]
     assert "prior fetches  0 pending, 1 failed" in status.stdout, status.stdout + status.stderr
     assert "failed (port closed" in status.stdout
-    if REPORT_CARRIES_COMPARISON:  # needs report helper
-        _check_report_comparison(*_sidecar(folder, _uids(now)[0]), "unavailable")
+    _check_report_comparison(*_sidecar(folder, _uids(now)[0]), "unavailable")
