@@ -43,8 +43,11 @@ class SeriesCompletion:
                 series.state = SeriesState.COMPLETE
                 series.completed_at = now
                 if not series.is_prior and session.scalars(select(PriorFetch.id).where(
-                        PriorFetch.prior_study_instance_uid == series.study.study_instance_uid).limit(1)).first():
-                    series.is_prior = True  # retrieved as a prior while it was still arriving
+                        PriorFetch.prior_study_instance_uid == series.study.study_instance_uid,
+                        PriorFetch.source != "local").limit(1)).first():
+                    # retrieved from a PACS as a prior while it was still arriving (a prior found in
+                    # the local index was received, and analysed, as any study: new series of it too)
+                    series.is_prior = True
                 if series.is_prior:  # a retrieved prior is kept for comparison, never analysed
                     self.audit.add(session, Event.SERIES_COMPLETE, study_uid=series.study.study_instance_uid,
                                    series_uid=series.series_instance_uid,

@@ -117,3 +117,29 @@ def test_several_series_are_judged_independently(index_db: Database, audit_trail
     with index_db.session() as s:
         states = {r.modality: r.state for r in s.scalars(select(Series))}
     assert states == {"CT": SeriesState.COMPLETE, "CR": SeriesState.RECEIVING}
+
+
+def test_a_series_of_a_prior_study_is_analysed_only_when_found_locally(
+        index_db: Database, audit_trail: AuditTrail, ingest_ct) -> None:
+    """A study named as a prior retrieved from a PACS is a prior, never analysed; one found in the
+    local index was received as any study, so a series that arrives later in it is analysed."""
+    from scp_node.store.models import PriorFetch, PriorFetchState
+
+    ingest_ct(0, 1)
+    series = series_row(index_db)
+    with index_db.session() as s:
+        study_uid = s.get(Series, series.id).study.study_instance_uid
+        job = AnalysisJob(series_fk=series.id, series_version=99, state=JobState.DONE)  # another job's fetch
+        s.add(job)
+        s.flush()
+        s.add(PriorFetch(job_fk=job.id, study_instance_uid="1.2.3", prior_study_instance_uid=study_uid,
+                         source="local", state=PriorFetchState.DONE))
+    completion = SeriesCompletion(index_db, audit_trail, STABLE, CEILING)
+    assert completion.run_once(now=after_quiet(index_db, STABLE)) == 1
+    assert not series_row(index_db).is_prior and (1, JobState.PENDING) in jobs(index_db)
+
+    with index_db.session() as s:  # the same study, now named as retrieved from a PACS
+        s.execute(update(PriorFetch).values(source="pacs"))
+        s.execute(update(Series).values(state=SeriesState.RECEIVING, version=2))
+    assert completion.run_once(now=after_quiet(index_db, STABLE)) == 1
+    assert series_row(index_db).is_prior and (2, JobState.PENDING) not in jobs(index_db)
