@@ -50,3 +50,17 @@ def test_status_lists_the_fleet_from_the_shared_index(tmp_path: Path, postgres_u
     text = cli("status", "--config", str(config)).stdout
     assert "fleet     2 live" in text and "worker   gpu-host:22:worker" in text, text
     assert "not running" in text and "not analysed" in text
+
+
+def test_store_var_dir_gives_each_node_its_own_run_time_folder(tmp_path: Path) -> None:
+    """Nodes sharing one storage folder keep their pid file and lock apart ([store] var_dir)."""
+    from scp_node.config import ConfigError, from_mapping
+
+    shared = {"storage_dir": "/srv/scp/storage"}
+    assert from_mapping({"store": shared}, tmp_path, environ={}).var_dir == Path("/srv/scp")  # the default
+    a = from_mapping({"store": {**shared, "var_dir": "run/a"}}, tmp_path, environ={})
+    b = from_mapping({"store": {**shared, "var_dir": "/var/run/scp-b"}}, tmp_path, environ={})
+    assert (a.var_dir, b.var_dir) == (tmp_path / "run/a", Path("/var/run/scp-b"))
+    assert a.store.storage_dir == b.store.storage_dir
+    with pytest.raises(ConfigError, match="var_dir"):
+        from_mapping({"store": {"var_dir": 5}}, tmp_path, environ={})
