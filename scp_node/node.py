@@ -423,7 +423,8 @@ class Node:
         c = self.config.node
         info: dict[str, Any] = {"pid": os.getpid(), "host": c.host, "port": c.port, "ae_title": c.ae_title,
                                 "heartbeat": time.time(), "role": self.role, "name": self.name}
-        info["receiver_processes"] = 1 + (self._receivers.alive() if self._receivers is not None else 0)
+        info["receiver_processes"] = (1 + (self._receivers.alive() if self._receivers is not None else 0)
+                                      if self.receives else 0)
         info.update(_gpu_memory())
         self.pid_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.pid_path.with_suffix(".tmp")

@@ -140,7 +140,7 @@ def test_two_receivers_two_workers_one_index(tmp_path: Path, pacs: Any, postgres
         last: dict[str, Any] = {}
         for f in ct:
             last = orthanc.upload(f)
-        ct_study, ct_series, cxr_series = last["ParentStudy"], last["ParentSeries"], None
+        ct_study, ct_series = last["ParentStudy"], last["ParentSeries"]
         cxr_series = orthanc.get(f"/studies/{cxr_study}")["Series"][0]
         pushes = [threading.Thread(target=orthanc.push_series, args=(s, "rx1")) for s in (cxr_series, ct_series)]
         for t in pushes:
