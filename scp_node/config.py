@@ -69,6 +69,9 @@ class StoreConfig:
     #: would keep less free space than this many bytes, or this percentage of its size.
     min_free_bytes: int = 1_073_741_824
     min_free_percent: float = 0.0
+    #: The node's run-time folder (pid file, lock, metrics, web spool); unset: the storage
+    #: folder's parent.  Several nodes on one machine sharing one storage_dir each need their own.
+    var_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -437,8 +440,9 @@ class Config:
 
     @property
     def var_dir(self) -> Path:
-        """Folder for run-time files (pid file, audit key): next to the storage folder."""
-        return self.store.storage_dir.parent
+        """Folder for run-time files (pid file, lock, metrics): ``[store] var_dir``, or next to
+        the storage folder."""
+        return self.store.var_dir if self.store.var_dir is not None else self.store.storage_dir.parent
 
 
 _SECTIONS: dict[str, type] = {
@@ -583,6 +587,11 @@ def from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str]
     sections = {name: _coerce(name, cls, data.get(name, {}), base) for name, cls in _SECTIONS.items()}
     store: StoreConfig = sections["store"]
     object.__setattr__(store, "database_url", _sqlite_url_relative_to(store.database_url, base))
+    if store.var_dir is not None:  # no default to take the type from: checked here
+        if not isinstance(store.var_dir, str) or not store.var_dir:
+            raise ConfigError(f"[store] var_dir = {store.var_dir!r} is not a folder path")
+        object.__setattr__(store, "var_dir", Path(store.var_dir) if Path(store.var_dir).is_absolute()
+                           else base / store.var_dir)
     if store.duplicate_policy not in ("keep_first", "replace"):
         raise ConfigError("[store] duplicate_policy must be 'keep_first' or 'replace'")
     node: NodeConfig = sections["node"]

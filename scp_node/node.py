@@ -4,6 +4,11 @@
 -> export — and owns their life cycle: ``start`` (recover interrupted work, load the model,
 open the port, start the loops) and ``stop`` (close the port, let the running job reach its
 safe point, close the database).
+
+Its role (``serve --role``) says which parts run: ``all`` (everything, the single-machine node),
+``receiver`` (DIMSE and DICOMweb in, indexed; no model, no job loops) or ``worker`` (the model,
+series completion, analysis and export; no port).  Several receivers and workers share one
+PostgreSQL index and one storage folder; each registers in the fleet table (scheduler.fleet).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from .scheduler import analysis, exports
 from .scheduler.analysis import AnalysisQueue
 from .scheduler.completion import SeriesCompletion
 from .scheduler.exports import ExportQueue
+from .scheduler.fleet import ROLES, FleetMember, node_name, requeue_expired
 from .runtime import LOCK_FILE, PID_FILE, open_database
 from .runtime import gpu_memory as _gpu_memory
 from .store.ingest import Ingestor
@@ -61,12 +67,30 @@ def prepare_model_dir(config: Config) -> None:
                            "see README 'Real MedGemma weights'.") from None
 
 
-class Node:
-    """scp_node as one process: DIMSE SCP, series completion, analysis and export loops."""
+def check_role(role: str, database_url: str) -> None:
+    """Refuse a role the index cannot serve: receivers and workers share one index across
+    processes and machines, which SQLite (a local file, one writer) cannot be."""
+    if role not in ROLES:
+        raise StartupError(f"unknown role {role!r} (use one of: {', '.join(ROLES)})")
+    if role != "all" and database_url.startswith("sqlite"):
+        raise StartupError(f"--role {role} needs a shared PostgreSQL index: SQLite serves one node on one "
+                           "machine (role 'all'). Set [store] database_url = \"postgresql+psycopg://...\" in "
+                           "every node's config, with one shared storage_dir, or serve with --role all.")
 
-    def __init__(self, config: Config) -> None:
+
+class Node:
+    """scp_node as one process: DIMSE SCP, series completion, analysis and export loops (those
+    of its ``role``: all, receiver or worker)."""
+
+    def __init__(self, config: Config, role: str = "all") -> None:
+        check_role(role, config.store.database_url)
         self.config = config
+        self.role = role
+        #: This process in the fleet table and in the claims it takes.
+        self.name = node_name(role)
         self.db, self.audit = open_database(config)
+        self.member = FleetMember(self.db, self.name, role, config.node.ae_title, __version__,
+                                  config.scheduler.claim_lease_seconds)
         self.ingestor = Ingestor(self.db, config.store.storage_dir, self.audit, config.store.duplicate_policy,
                                  min_free_bytes=config.store.min_free_bytes,
                                  min_free_percent=config.store.min_free_percent)
@@ -149,7 +173,8 @@ class Node:
                                    self._write_report, c.destinations + c.hl7_destinations + c.webhooks,
                                    c.scheduler.max_analysis_attempts,
                                    skip_exceptions=(SeriesSkipped,), notify_not_analysed=c.report.notify_not_analysed,
-                                   priors=self._prior_lookup())
+                                   priors=self._prior_lookup(), worker=self.name,
+                                   lease_seconds=c.scheduler.claim_lease_seconds)
         timeout = c.node.network_timeout
 
         def send(dest: Any, path: Path) -> object:
@@ -172,7 +197,8 @@ class Node:
             return send_c_store(dest, path, calling_ae_title=c.node.ae_title, timeout=timeout)
 
         export_q = ExportQueue(self.db, self.audit, c.store.storage_dir,
-                               c.destinations + c.hl7_destinations + c.webhooks, c.export, send)
+                               c.destinations + c.hl7_destinations + c.webhooks, c.export, send,
+                               worker=self.name, lease_seconds=c.scheduler.claim_lease_seconds)
         return completion, analysis_q, export_q
 
     def _prior_lookup(self) -> Any:
@@ -192,6 +218,16 @@ class Node:
             pass
 
     # -- life cycle --------------------------------------------------------------------------
+    @property
+    def receives(self) -> bool:
+        """Runs the DIMSE port (and [web]): roles all and receiver."""
+        return self.role != "worker"
+
+    @property
+    def works(self) -> bool:
+        """Loads the model and runs completion, analysis and export: roles all and worker."""
+        return self.role != "receiver"
+
     def start(self) -> None:
         c = self.config
         self._lock_var_dir()
@@ -205,44 +241,87 @@ class Node:
                                              poll=c.scheduler.poll_seconds)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 raise StartupError(f"[audit] syslog_ca / syslog_cert / syslog_key: {exc}") from None
-        if c.engine.backend == "transformers":  # a served model's weights are the server's
+        if self.works and c.engine.backend == "transformers":  # a served model's weights are the server's
             prepare_model_dir(c)
         c.store.storage_dir.mkdir(parents=True, exist_ok=True)
-        self.ingestor.recover()
-        n_jobs = analysis.requeue_interrupted(self.db, self.audit, c.scheduler.max_analysis_attempts)
-        n_exp = exports.requeue_interrupted(self.db, self.audit)
-        if n_jobs or n_exp:
-            log.info("recovered %d interrupted analysis jobs and %d interrupted exports", n_jobs, n_exp)
-        self._engine = self._load_engine()
-        completion, analysis_q, export_q = self._queues()
-        self._listen()
-        if c.web is not None:
-            from .web import WebStartError, start_web
+        self._join_fleet()
+        self._recover()
+        if self.works:
+            self._engine = self._load_engine()
+            completion, analysis_q, export_q = self._queues()
+        if self.receives:
+            self._listen()
+            if c.web is not None:
+                from .web import WebStartError, start_web
 
-            try:
-                self._web = start_web(c, self.db, self.audit, self.ingestor)
-            except WebStartError as exc:
-                raise StartupError(str(exc)) from None
+                try:
+                    self._web = start_web(c, self.db, self.audit, self.ingestor)
+                except WebStartError as exc:
+                    raise StartupError(str(exc)) from None
         poll = c.scheduler.poll_seconds
         common = dict(trigger="interval", seconds=poll, max_instances=1, coalesce=True)
-        self.scheduler.add_job(completion.run_once, id="series-completion", **common)
-        self.scheduler.add_job(self._drain, args=[analysis_q.run_once, self._stopped], id="analysis", **common)
-        self.scheduler.add_job(self._drain, args=[export_q.run_once, self._stopped], id="export", **common)
+        if self.works:
+            self.scheduler.add_job(completion.run_once, id="series-completion", **common)
+            self.scheduler.add_job(self._drain, args=[analysis_q.run_once, self._stopped], id="analysis", **common)
+            self.scheduler.add_job(self._drain, args=[export_q.run_once, self._stopped], id="export", **common)
         self.scheduler.add_job(self._write_pid, trigger="interval", seconds=5, id="heartbeat", max_instances=1,
                                coalesce=True)
-        self.scheduler.start()
         # Everything loaded so far (torch, transformers, the model, the modules) lives as long as
         # the process: out of the collector's sight, a full collection — which allocation-heavy
         # association handling triggers often — no longer walks the whole heap each time.
         gc.freeze()
         self._write_pid()
-        ident = self._engine.identity
-        self.audit.record(Event.NODE_STARTED, ae_title=c.node.ae_title, peer=f"{c.node.host}:{c.node.port}",
-                          detail=f"scp_node {__version__}; model {ident.name}"
-                                 + (" (TEST MODEL)" if ident.is_test_model else ""))
+        ident = self._engine.identity if self._engine is not None else None
+        self.audit.record(Event.NODE_STARTED, ae_title=c.node.ae_title,
+                          peer=f"{c.node.host}:{c.node.port}" if self.receives else "",
+                          detail=f"scp_node {__version__}; role {self.role} as {self.name}"
+                                 + (f"; model {ident.name}" + (" (TEST MODEL)" if ident.is_test_model else "")
+                                    if ident is not None else ""))
         if self._atna is not None:
             self._atna.start()
-        log.info("listening as %s on %s:%d", c.node.ae_title, c.node.host, c.node.port)
+        if self.receives:
+            log.info("listening as %s on %s:%d (role %s)", c.node.ae_title, c.node.host, c.node.port, self.role)
+        else:
+            log.info("worker %s running", self.name)
+
+    def _join_fleet(self) -> None:
+        """Register in the fleet table and start beating now, before the (slow) model load: the
+        others see this node as live from its first second, and its claims never lapse."""
+        s = self.config.scheduler
+        self.member.register()
+        self.scheduler.add_job(self.member.beat, trigger="interval", seconds=s.heartbeat_seconds,
+                               id="fleet-heartbeat", max_instances=1, coalesce=True)
+        if self.works and not self.db.is_sqlite:
+            # Any worker takes back the jobs of a worker that stopped renewing its claims.
+            self.scheduler.add_job(requeue_expired, args=[self.db, self.audit, s.max_analysis_attempts],
+                                   trigger="interval", seconds=s.heartbeat_seconds, id="claims",
+                                   max_instances=1, coalesce=True)
+        self.scheduler.start()
+
+    def _recover(self) -> None:
+        """Clear what a stop left half-done.
+
+        On SQLite there is one node: every RUNNING job and SENDING export was this node's, in a
+        previous life, and runs again now.  On a shared index only the work nobody can still be
+        doing is taken back (no claimant, or a lapsed lease; the claims of a worker that died
+        lapse after ``claim_lease_seconds``), and the storage sweep (temporary and unindexed
+        files) runs only when no other node is live: another node's file between its write and
+        its index commit looks exactly like a crash's leftover.
+        """
+        c = self.config
+        shared = not self.db.is_sqlite
+        others = self.member.others_alive(c.scheduler.heartbeat_seconds) if shared else []
+        if others:
+            log.info("storage sweep skipped: %d other nodes are live on this index (%s)", len(others),
+                     ", ".join(others[:5]))
+        else:
+            self.ingestor.recover()
+        if not self.works:
+            return
+        n_jobs = analysis.requeue_interrupted(self.db, self.audit, c.scheduler.max_analysis_attempts, shared=shared)
+        n_exp = exports.requeue_interrupted(self.db, self.audit, shared=shared)
+        if n_jobs or n_exp:
+            log.info("recovered %d interrupted analysis jobs and %d interrupted exports", n_jobs, n_exp)
 
     def _start_ops(self) -> None:
         """``[ops]``: metrics from every process (a fresh folder beside the storage; the receivers
@@ -331,7 +410,12 @@ class Node:
         if self._ops is not None:
             self._ops.stop()
             self._ops = None
-        self.audit.record(Event.NODE_STOPPED, ae_title=self.config.node.ae_title)
+        self.audit.record(Event.NODE_STOPPED, ae_title=self.config.node.ae_title,
+                          detail=f"role {self.role} as {self.name}")
+        try:
+            self.member.stopped()
+        except Exception:  # noqa: BLE001 - the row then shows as lost in `status`, nothing worse
+            log.exception("could not mark this node stopped in the fleet table")
         if self._atna is not None:  # the last rows, node.stopped included
             self._atna.stop()
             self._atna = None
@@ -349,8 +433,9 @@ class Node:
         (the process's GPU memory) is refreshed here every few seconds."""
         c = self.config.node
         info: dict[str, Any] = {"pid": os.getpid(), "host": c.host, "port": c.port, "ae_title": c.ae_title,
-                                "heartbeat": time.time()}
-        info["receiver_processes"] = 1 + (self._receivers.alive() if self._receivers is not None else 0)
+                                "heartbeat": time.time(), "role": self.role, "name": self.name}
+        info["receiver_processes"] = (1 + (self._receivers.alive() if self._receivers is not None else 0)
+                                      if self.receives else 0)
         info.update(_gpu_memory())
         self.pid_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.pid_path.with_suffix(".tmp")

@@ -122,4 +122,6 @@ def _scheduler(node: Any) -> str | None:
 
 def check(node: Any) -> dict[str, str | None]:
     """Each part and what is wrong with it (None: alive)."""
-    return {"dimse": _dimse(node), "index": _index(node), "engine": _engine(node), "scheduler": _scheduler(node)}
+    role = getattr(node, "role", "all")  # a worker has no port, a receiver no model
+    return {"dimse": _dimse(node) if role != "worker" else None, "index": _index(node),
+            "engine": _engine(node) if role != "receiver" else None, "scheduler": _scheduler(node)}

@@ -1,9 +1,14 @@
 """The analysis queue: pending -> running -> done / failed / skipped, kept in the DB.
 
-A job is claimed in one transaction (state RUNNING, attempts + 1) and finished in another that
-also stores the report row and queues one export per destination, so the SR a job produces is
-either fully recorded and queued, or not at all.  Jobs found RUNNING at start were interrupted
-by a stop: :func:`requeue_interrupted` puts them back to PENDING so each runs again exactly once.
+A job is claimed in one transaction (state RUNNING, attempts + 1, ``claimed_by`` this worker,
+``lease_until`` now + the lease) and finished in another that also stores the report row and
+queues one export per destination, so the SR a job produces is either fully recorded and queued,
+or not at all.  On PostgreSQL the claim is ``SELECT ... FOR UPDATE SKIP LOCKED``: workers on
+several machines never take the same job; on SQLite (one node) ``BEGIN IMMEDIATE`` serialises.
+A finish is recorded only while this worker still holds the claim: a worker whose lease lapsed
+(scheduler.fleet requeued the job, another worker may run it) records nothing and audits why.
+Jobs found RUNNING at start were interrupted by a stop: :func:`requeue_interrupted` puts them back
+to PENDING so each runs again exactly once.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from typing import Callable, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
 from ..audit import AuditTrail, Event
 from ..config import Destination
@@ -66,30 +74,46 @@ class _Claim:
     paths: list[Path]
 
 
-def requeue_interrupted(db: Database, audit: AuditTrail, max_attempts: int | None = None) -> int:
+def requeue_interrupted(db: Database, audit: AuditTrail, max_attempts: int | None = None, *,
+                        shared: bool = False, now: datetime | None = None) -> int:
     """Put jobs left RUNNING by a stop back to PENDING; return how many were queued again.
 
     A job that was interrupted on its last allowed attempt is FAILED instead: a series that
     kills the process (out of memory, a crashing decoder) must not crash-loop the node forever
     and hold up every series behind it.
+
+    ``shared`` (an index other workers use): only the jobs nobody can still be working on --
+    no claimant (written before claims existed) or a lapsed lease.  A job another live worker
+    holds is not this starting worker's to take; its own claims from a previous life lapse too.
     """
     requeued = 0
     with db.session() as session:
-        jobs = session.scalars(select(AnalysisJob).where(AnalysisJob.state == JobState.RUNNING)).all()
-        for job in jobs:
-            ids = dict(series_uid=job.series.series_instance_uid, study_uid=job.series.study.study_instance_uid)
-            if max_attempts is not None and job.attempts >= max_attempts:
-                job.state = JobState.FAILED
-                job.error = f"interrupted {job.attempts} times (the process stopped during the analysis)"
-                job.finished_at = utcnow()
-                audit.add(session, Event.ANALYSIS_FAILED, outcome="failure", detail=f"job {job.id}: {job.error}",
-                          **ids)
-                continue
-            job.state = JobState.PENDING
-            requeued += 1
-            audit.add(session, Event.ANALYSIS_REQUEUED,
-                      detail=f"job {job.id} was interrupted on attempt {job.attempts}; queued again", **ids)
+        q = select(AnalysisJob).where(AnalysisJob.state == JobState.RUNNING)
+        if shared:
+            q = q.where(or_(AnalysisJob.claimed_by == "", AnalysisJob.lease_until.is_(None),
+                            AnalysisJob.lease_until < (now or utcnow())))
+        for job in session.scalars(q.with_for_update(skip_locked=True, of=AnalysisJob)).all():
+            requeued += requeue_job(session, audit, job, max_attempts,
+                                    f"job {job.id} was interrupted on attempt {job.attempts}; queued again")
     return requeued
+
+
+def requeue_job(session: Session, audit: AuditTrail, job: AnalysisJob, max_attempts: int | None,
+                why: str) -> int:
+    """One RUNNING job back to PENDING (1), or FAILED at its last attempt (0); audited."""
+    ids = dict(series_uid=job.series.series_instance_uid, study_uid=job.series.study.study_instance_uid)
+    job.claimed_by = ""
+    job.lease_until = None
+    if max_attempts is not None and job.attempts >= max_attempts:
+        job.state = JobState.FAILED
+        job.error = f"interrupted {job.attempts} times (the process stopped during the analysis)"
+        job.finished_at = utcnow()
+        audit.add(session, Event.ANALYSIS_FAILED, outcome="failure", detail=f"job {job.id}: {job.error}; {why}",
+                  **ids)
+        return 0
+    job.state = JobState.PENDING
+    audit.add(session, Event.ANALYSIS_REQUEUED, detail=why, **ids)
+    return 1
 
 
 class AnalysisQueue:
@@ -99,11 +123,14 @@ class AnalysisQueue:
                  build_report: ReportBuilder, write_report: ReportWriter,
                  destinations: tuple[Destination, ...], max_attempts: int = 3,
                  skip_exceptions: tuple[type[BaseException], ...] = (),
-                 notify_not_analysed: bool = False, priors: PriorFinder | None = None) -> None:
+                 notify_not_analysed: bool = False, priors: PriorFinder | None = None,
+                 worker: str = "", lease_seconds: float = 120.0) -> None:
         """``skip_exceptions``: what the engine raises for a series it does not analyse. One whose
         ``notify`` attribute is true (scp_node.engine.SeriesNotAnalysed: images it cannot read) is
         recorded as "not analysed: <reason>" (audit, ``scp-node status``) and, with
-        ``notify_not_analysed`` ([report] notify_not_analysed), gets a short SR that says so."""
+        ``notify_not_analysed`` ([report] notify_not_analysed), gets a short SR that says so.
+        ``worker``: this node's name in the fleet (scheduler.fleet.node_name), written into each
+        claim with a lease of ``lease_seconds`` that the node's heartbeat renews."""
         self.db = db
         self.audit = audit
         self.storage_dir = storage_dir
@@ -115,6 +142,8 @@ class AnalysisQueue:
         self.skip_exceptions = skip_exceptions
         self.notify_not_analysed = notify_not_analysed
         self.priors = priors
+        self.worker = worker
+        self.lease = timedelta(seconds=lease_seconds)
 
     def run_once(self) -> bool:
         """Claim and run pending jobs; return False when there was nothing to do.
@@ -235,7 +264,8 @@ class AnalysisQueue:
         with self.db.session() as session:
             while True:
                 job = session.scalars(select(AnalysisJob).where(AnalysisJob.state == JobState.PENDING)
-                                      .order_by(AnalysisJob.id).limit(1)).first()
+                                      .order_by(AnalysisJob.id).limit(1)
+                                      .with_for_update(skip_locked=True, of=AnalysisJob)).first()
                 if job is None:
                     return None
                 series: Series = job.series
@@ -254,6 +284,8 @@ class AnalysisQueue:
             job.state = JobState.RUNNING
             job.attempts += 1
             job.started_at = utcnow()
+            job.claimed_by = self.worker
+            job.lease_until = job.started_at + self.lease
             rows = session.scalars(select(Instance).where(Instance.series_fk == series.id)
                                    .order_by(Instance.instance_number, Instance.id)).all()
             paths = [self.storage_dir / r.path for r in rows]
@@ -265,21 +297,46 @@ class AnalysisQueue:
     def _finish(self, claim: _Claim, state: JobState, error: str, event: str, ids: dict[str, str],
                 outcome: str, extra: str = "") -> None:
         with self.db.session() as session:
-            job = session.get(AnalysisJob, claim.job_id)
-            assert job is not None
+            job = self._held(session, claim, ids)
+            if job is None:
+                return
             job.state = state
             job.error = error[:4000]
+            job.lease_until = None  # claimed_by stays on a finished job: who ran it
+            if state is JobState.PENDING:
+                job.claimed_by = ""
             if state is not JobState.PENDING:
                 job.finished_at = utcnow()
             self.audit.add(session, event, outcome=outcome, detail=f"job {job.id}: {error[:500]}{extra}", **ids)
+
+    def _held(self, session: Session, claim: _Claim, ids: dict[str, str]) -> AnalysisJob | None:
+        """The job, locked, if this worker still holds its claim; else None (audited).
+
+        A worker whose lease lapsed (stalled, cut off from the index) has had its job queued
+        again and perhaps run by another worker: its result must not become a second report.
+        """
+        job = session.scalars(select(AnalysisJob).where(AnalysisJob.id == claim.job_id)
+                              .with_for_update(of=AnalysisJob)).one()
+        if job.state is JobState.RUNNING and job.claimed_by == self.worker and job.attempts == claim.attempts:
+            return job
+        holder = job.claimed_by or "nobody"
+        log.warning("analysis job %d: the claim of this worker lapsed (now %s, held by %s); result discarded",
+                    job.id, job.state.value, holder)
+        self.audit.add(session, Event.ANALYSIS_SKIPPED, outcome="warning",
+                       detail=f"job {job.id}: claim lost by worker {self.worker or '(unnamed)'} on attempt "
+                              f"{claim.attempts} (job now {job.state.value}, held by {holder}); "
+                              "its result was discarded", **ids)
+        return None
 
     def _done(self, claim: _Claim, result: AnalysisResult, sr: Dataset, rel: Path, seconds: float,
               ids: dict[str, str], not_analysed: str = "") -> None:
         """Record the SR and queue its exports; ``not_analysed`` (the job's error text) marks a
         notice SR: the job is SKIPPED with that reason, not DONE."""
         with self.db.session() as session:
-            job = session.get(AnalysisJob, claim.job_id)
-            assert job is not None
+            job = self._held(session, claim, ids)
+            if job is None:
+                _discard(self.storage_dir / rel)
+                return
             report = Report(job=job, sop_instance_uid=str(sr.SOPInstanceUID),
                             series_instance_uid=str(sr.SeriesInstanceUID),
                             study_instance_uid=str(sr.StudyInstanceUID), path=rel.as_posix(),
@@ -294,6 +351,7 @@ class AnalysisQueue:
                 session.add(ExportJob(report=report, destination=dest.name, state=ExportState.PENDING))
             job.state = JobState.SKIPPED if not_analysed else JobState.DONE
             job.error = not_analysed[:4000]
+            job.lease_until = None
             job.finished_at = utcnow()
             if not_analysed:
                 self.audit.add(session, Event.ANALYSIS_SKIPPED, outcome="warning",
@@ -308,6 +366,15 @@ class AnalysisQueue:
                            detail=f"SR series {sr.SeriesInstanceUID}; exports queued: "
                                   + (", ".join(d.name for d in routed) or "none (no destination routes this modality)"),
                            study_uid=ids["study_uid"], series_uid=ids["series_uid"], patient_id=ids["patient_id"])
+
+
+def _discard(path: Path) -> None:
+    """The SR (and its sidecar) of a result that lost its claim: never indexed, never exported."""
+    for p in (path, path.with_suffix(".json")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _with_comparison(result: AnalysisResult | BaseException,

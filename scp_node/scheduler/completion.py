@@ -2,7 +2,9 @@
 
 The timer is the ``last_received_at`` column, so the decision survives a restart: a series that
 was receiving when the node stopped is judged by the same clock when it starts again.  Marking
-a series complete and queuing its analysis job happen in one transaction.
+a series complete and queuing its analysis job happen in one transaction.  Several workers may
+run this at once on a shared PostgreSQL index: the due series are selected ``FOR UPDATE SKIP
+LOCKED``, so each is closed (and its job queued, its completion audited) by exactly one of them.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class SeriesCompletion:
                 select(Series).where(
                     Series.state == SeriesState.RECEIVING,
                     or_(Series.last_received_at <= now - self.stable,
-                        Series.version_started_at <= now - self.max_wait))).all()
+                        Series.version_started_at <= now - self.max_wait))
+                .with_for_update(skip_locked=True, of=Series)).all()
             for series in due:
                 forced = series.last_received_at > now - self.stable
                 series.state = SeriesState.COMPLETE

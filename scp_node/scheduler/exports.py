@@ -1,8 +1,11 @@
 """The export queue: each SR to each destination, retried with backoff, never dropped silently.
 
-A job is claimed (SENDING, attempts + 1) before the network call and settled after it, each in
-its own transaction.  Jobs found SENDING at start were interrupted mid-send: they go back to
-PENDING and are sent again (the PACS sees the same SOP Instance UID, so a repeat is harmless).
+A job is claimed (SENDING, attempts + 1, ``claimed_by`` this worker with a lease its heartbeat
+renews; ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so two workers never send the same job) before
+the network call and settled after it, each in its own transaction.  Jobs found SENDING at start
+were interrupted mid-send: they go back to PENDING and are sent again (the PACS sees the same SOP
+Instance UID, so a repeat is harmless).  A worker whose claim lapsed meanwhile (scheduler.fleet
+requeued it) settles nothing unless the job still waits unclaimed: one delivery, one ``export.ok``.
 After the last attempt a job is DEAD: ``scp-node status`` lists it and ``scp-node exports retry``
 queues it again.
 """
@@ -11,10 +14,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
 from ..audit import AuditTrail, Event
 from ..config import Destination, ExportConfig
@@ -37,16 +42,30 @@ class _Claim:
     ids: dict[str, str]
 
 
-def requeue_interrupted(db: Database, audit: AuditTrail) -> int:
-    """Put exports left SENDING by a stop back to PENDING; return how many."""
+def requeue_interrupted(db: Database, audit: AuditTrail, *, shared: bool = False,
+                        now: datetime | None = None) -> int:
+    """Put exports left SENDING by a stop back to PENDING; return how many.
+
+    ``shared`` (an index other workers use): only those nobody can still be sending -- no
+    claimant (written before claims existed) or a lapsed lease."""
     with db.session() as session:
-        jobs = session.scalars(select(ExportJob).where(ExportJob.state == ExportState.SENDING)).all()
+        q = select(ExportJob).where(ExportJob.state == ExportState.SENDING)
+        if shared:
+            q = q.where(or_(ExportJob.claimed_by == "", ExportJob.lease_until.is_(None),
+                            ExportJob.lease_until < (now or utcnow())))
+        jobs = session.scalars(q.with_for_update(skip_locked=True, of=ExportJob)).all()
         for job in jobs:
-            job.state = ExportState.PENDING
-            job.next_attempt_at = utcnow()
-            audit.add(session, Event.EXPORT_REQUEUED, sop_uid=job.report.sop_instance_uid,
-                      detail=f"export {job.id} to {job.destination} was interrupted; queued again")
+            requeue_export(session, audit, job, f"export {job.id} to {job.destination} was interrupted; queued again")
         return len(jobs)
+
+
+def requeue_export(session: Session, audit: AuditTrail, job: ExportJob, why: str) -> None:
+    """One SENDING export back to PENDING, due now; audited."""
+    job.state = ExportState.PENDING
+    job.next_attempt_at = utcnow()
+    job.claimed_by = ""
+    job.lease_until = None
+    audit.add(session, Event.EXPORT_REQUEUED, sop_uid=job.report.sop_instance_uid, detail=why)
 
 
 def retry_dead(db: Database, audit: AuditTrail, destination: str | None = None) -> int:
@@ -69,13 +88,18 @@ class ExportQueue:
     """Delivers due export jobs, one at a time."""
 
     def __init__(self, db: Database, audit: AuditTrail, storage_dir: Path,
-                 destinations: tuple[Destination, ...], policy: ExportConfig, send: Sender) -> None:
+                 destinations: tuple[Destination, ...], policy: ExportConfig, send: Sender,
+                 worker: str = "", lease_seconds: float = 120.0) -> None:
+        """``worker``: this node's name in the fleet, written into each claim with a lease of
+        ``lease_seconds`` that the node's heartbeat renews."""
         self.db = db
         self.audit = audit
         self.storage_dir = storage_dir
         self.destinations = {d.name: d for d in destinations}
         self.policy = policy
         self.send = send
+        self.worker = worker
+        self.lease = timedelta(seconds=lease_seconds)
 
     def run_once(self) -> bool:
         """Claim and send one due export; return False when none was due."""
@@ -96,7 +120,8 @@ class ExportQueue:
         with self.db.session() as session:
             jobs = session.scalars(select(ExportJob).where(ExportJob.state == ExportState.PENDING,
                                                            ExportJob.next_attempt_at <= utcnow())
-                                   .order_by(ExportJob.next_attempt_at, ExportJob.id).limit(20)).all()
+                                   .order_by(ExportJob.next_attempt_at, ExportJob.id).limit(20)
+                                   .with_for_update(skip_locked=True, of=ExportJob)).all()
             for job in jobs:
                 ids = dict(sop_uid=job.report.sop_instance_uid, study_uid=job.report.study_instance_uid,
                            series_uid=job.report.series_instance_uid)
@@ -108,14 +133,43 @@ class ExportQueue:
                     continue
                 job.state = ExportState.SENDING
                 job.attempts += 1
+                job.claimed_by = self.worker
+                job.lease_until = utcnow() + self.lease
                 return _Claim(job.id, dest, self.storage_dir / job.report.path, job.attempts, ids)
+        return None
+
+    def _held(self, session: Session, claim: _Claim, delivered: bool) -> ExportJob | None:
+        """The job, locked, if this worker may settle it; else None (audited).
+
+        Its own live claim, always.  A lapsed claim that was queued again and still waits
+        unclaimed: only a delivery settles it (the SR is at the destination; sending it again
+        would only repeat it).  Held by another worker, or settled: nothing is recorded twice.
+        """
+        job = session.scalars(select(ExportJob).where(ExportJob.id == claim.job_id)
+                              .with_for_update(of=ExportJob)).one()
+        if job.state is ExportState.SENDING and job.claimed_by == self.worker and job.attempts == claim.attempts:
+            return job
+        if delivered and job.state is ExportState.PENDING and not job.claimed_by:
+            return job
+        holder = job.claimed_by or "nobody"
+        log.warning("export %d: the claim of this worker lapsed (now %s, held by %s)", job.id, job.state.value,
+                    holder)
+        d = claim.destination
+        self.audit.add(session, Event.EXPORT_FAILED, outcome="warning", ae_title=d.ae_title,
+                       peer=f"{d.host}:{d.port}",
+                       detail=f"to {d.name}: claim lost by worker {self.worker or '(unnamed)'} on attempt "
+                              f"{claim.attempts} (export now {job.state.value}, held by {holder}); this "
+                              f"attempt {'delivered' if delivered else 'failed'} and is not recorded",
+                       **claim.ids)
         return None
 
     def _delivered(self, claim: _Claim) -> None:
         with self.db.session() as session:
-            job = session.get(ExportJob, claim.job_id)
-            assert job is not None
+            job = self._held(session, claim, delivered=True)
+            if job is None:
+                return
             job.state = ExportState.DONE
+            job.lease_until = None
             job.delivered_at = utcnow()
             job.last_error = ""
             d = claim.destination
@@ -127,9 +181,11 @@ class ExportQueue:
                     claim.attempts, error)
         p = self.policy
         with self.db.session() as session:
-            job = session.get(ExportJob, claim.job_id)
-            assert job is not None
+            job = self._held(session, claim, delivered=False)
+            if job is None:
+                return
             job.last_error = error[:2000]
+            job.lease_until = None
             d = claim.destination
             common = dict(ae_title=d.ae_title, peer=f"{d.host}:{d.port}", outcome="failure", **claim.ids)
             if final or claim.attempts >= p.max_attempts:
@@ -141,6 +197,7 @@ class ExportQueue:
                 delay = next_delay(claim.attempts, p.backoff_initial_seconds, p.backoff_multiplier,
                                    p.backoff_max_seconds)
                 job.state = ExportState.PENDING
+                job.claimed_by = ""
                 job.next_attempt_at = utcnow() + delay
                 self.audit.add(session, Event.EXPORT_FAILED,
                                detail=f"to {d.name}, attempt {claim.attempts}: {error[:400]}; "
