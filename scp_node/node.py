@@ -31,7 +31,7 @@ from .scheduler import analysis, exports
 from .scheduler.analysis import AnalysisQueue
 from .scheduler.completion import SeriesCompletion
 from .scheduler.exports import ExportQueue
-from .runtime import LOCK_FILE, PID_FILE, open_database
+from .runtime import LOCK_FILE, PID_FILE, open_database, schema_problem
 from .runtime import gpu_memory as _gpu_memory
 from .store.ingest import Ingestor
 
@@ -184,6 +184,8 @@ class Node:
     def start(self) -> None:
         c = self.config
         self._lock_var_dir()
+        if (problem := schema_problem(c, self.db)) is not None:
+            raise StartupError(problem)
         if c.ops is not None:  # first: a monitor sees the start (503 until every part is up)
             self._start_ops()
         if c.audit.syslog_url:  # its cursor starts before this start's first row
