@@ -183,9 +183,9 @@ class Node:
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
         c = self.config
-        self._lock_var_dir()
-        if (problem := schema_problem(c, self.db)) is not None:
+        if (problem := schema_problem(c, self.db)) is not None:  # before the lock: stop() then writes nothing
             raise StartupError(problem)
+        self._lock_var_dir()
         if c.ops is not None:  # first: a monitor sees the start (503 until every part is up)
             self._start_ops()
         if c.audit.syslog_url:  # its cursor starts before this start's first row

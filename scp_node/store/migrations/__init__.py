@@ -20,6 +20,5 @@ def alembic_config(connection: Any) -> Config:
     """Alembic's configuration for the index: this folder's scripts, run on ``connection``."""
     cfg = Config()
     cfg.set_main_option("script_location", str(FOLDER))
-    cfg.set_main_option("version_locations", str(FOLDER / "versions"))
     cfg.attributes["connection"] = connection
     return cfg
