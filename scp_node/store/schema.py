@@ -112,6 +112,7 @@ def upgrade(db: Database, target: str = "head") -> tuple[str | None, str]:
     empty database is simply created at :data:`HEAD`.
     """
     from alembic import command
+    from alembic.util import CommandError
 
     from .migrations import alembic_config
 
@@ -121,9 +122,12 @@ def upgrade(db: Database, target: str = "head") -> tuple[str | None, str]:
         return None, HEAD
     with db.transaction() as conn:
         cfg = alembic_config(conn)
-        if current_revision(conn) == FIRST_RELEASE and not inspect(conn).has_table(VERSION_TABLE):
-            command.stamp(cfg, FIRST_RELEASE)
-        command.upgrade(cfg, target)
+        try:
+            if current_revision(conn) == FIRST_RELEASE and not inspect(conn).has_table(VERSION_TABLE):
+                command.stamp(cfg, FIRST_RELEASE)
+            command.upgrade(cfg, target)
+        except CommandError as exc:  # e.g. an unknown revision, or one below the index's
+            raise SchemaError(f"cannot upgrade the index to {target!r}: {exc}") from None
         after = current_revision(conn)
     assert after is not None
     return before, after
