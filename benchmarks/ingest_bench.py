@@ -10,11 +10,17 @@ after; writes the figures to
 
     python benchmarks/ingest_bench.py [--senders 4] [--rounds 1] [--repeat 1] [--only scp_node,orthanc,storescp]
                                       [--association-per-instance] [--fsync-delay-us N]
+                                      [--database sqlite|postgresql]
 
 ``--rounds N`` sends N series per sender per receiver (memory over many instances: 4 senders x
 19 rounds x 133 = 10,108 instances).  scp_node runs as ``scp-node serve`` with the tiny test
 model and a series window long enough that no analysis runs during the measurement: this is
 the receive path, durable (fsync) and indexed (SQLite, synchronous=FULL).
+
+``--database postgresql`` puts scp_node's index on PostgreSQL: a throw-away cluster (Debian's
+``postgresql`` binaries, ``initdb`` + ``pg_ctl`` on a free port, as the tests' helper starts it)
+but durable -- fsync, synchronous_commit and full_page_writes on, as a production server runs --
+with a fresh database for each scp_node run, on the same disk as everything else.
 
 ``--fsync-delay-us N`` stands in for a slower disk than the one the benchmark runs on: a small
 ``LD_PRELOAD`` library (``benchmarks/fsync_delay.c``, built with ``cc``) makes every ``fsync`` and
@@ -43,6 +49,7 @@ from tests.support.net import free_port, wait_port  # noqa: E402
 from tests.support.node import cli, start_node, write_config  # noqa: E402
 from tests.support.orthanc import start_orthanc  # noqa: E402
 from tests.support.paths import CT_DIR  # noqa: E402
+from tests.support.postgres import PostgresServer, _bin_dir, _run  # noqa: E402
 
 ENV = dict(os.environ, TCP_NODELAY="1")
 
@@ -143,6 +150,30 @@ def send_all(port: int, aec: str, batches: list[list[list[Path]]], per_instance:
     return elapsed
 
 
+def start_durable_postgres() -> PostgresServer:
+    """A throw-away cluster like tests/support/postgres.py's, with PostgreSQL's durable defaults
+    (the tests' cluster turns fsync off; a benchmark must not)."""
+    import pwd
+
+    bin_dir = _bin_dir()
+    if bin_dir is None:
+        raise SystemExit("--database postgresql: PostgreSQL is not installed (apt-get install postgresql)")
+    user = None
+    if os.geteuid() == 0:  # initdb will not run as root
+        pwd.getpwnam("postgres")
+        user = "postgres"
+    folder = Path(tempfile.mkdtemp(prefix="ingest-bench-pg-"))  # (its own: the postgres user must reach it)
+    if user is not None:
+        shutil.chown(folder, user)
+    port = free_port()
+    _run(bin_dir / "initdb", ["-D", str(folder / "data"), "-A", "trust", "-U", "postgres", "-E", "UTF8"], user)
+    opts = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200"
+    _run(bin_dir / "pg_ctl", ["-D", str(folder / "data"), "-o", opts, "-l", str(folder / "server.log"),
+                              "-w", "-t", "60", "start"], user)
+    return PostgresServer(url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", _folder=folder,
+                          _bin=bin_dir, _user=user)
+
+
 def run_target(name: str, start: Callable[[], tuple[int, str, Callable[[], None], int | None]],
                batches: list[list[list[Path]]], n: int, size: int, per_instance: bool = False) -> dict[str, object]:
     port, aec, stop, pid = start()
@@ -181,10 +212,15 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, help="py-spy (collapsed stacks) of scp_node while it receives")
     ap.add_argument("--fsync-delay-us", type=int, default=0,
                     help="make every fsync of the receivers N microseconds slower (a slower disk)")
+    ap.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                    help="scp_node's index (postgresql: a throw-away durable cluster started here)")
     args = ap.parse_args()
     targets = args.only.split(",")
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    postgres: PostgresServer | None = None
     try:
+        if args.database == "postgresql" and "scp_node" in targets:
+            postgres = start_durable_postgres()
         files = sorted(CT_DIR.glob("*.dcm"))
         copies = rewrite_copies(files, work / "data", args.senders * args.rounds)
         if args.fsync_delay_us:
@@ -193,7 +229,8 @@ def main() -> None:
         n = sum(len(b) for sb in batches for b in sb)
         size = sum(p.stat().st_size for sb in batches for b in sb for p in b)
         print(f"{args.senders} concurrent storescu senders x {args.rounds} series x {len(files)} slices = {n} "
-              f"instances, {size / 1e6:.0f} MB; cpus {os.cpu_count()}", flush=True)
+              f"instances, {size / 1e6:.0f} MB; cpus {os.cpu_count()}; scp_node's index on {args.database}",
+              flush=True)
         results: dict[str, dict[str, object]] = {}
 
         def scp_node() -> tuple[int, str, Callable[[], None], int | None]:
@@ -206,7 +243,12 @@ def main() -> None:
             port = free_port()
             config = write_config(folder, model_dir=model, port=port, stable_seconds=36000,
                                   peers=[("STORESCU", "127.0.0.1")])
-            node = start_node(config, port, timeout=300)
+            if postgres is not None:  # the config's environment override, inherited by the node
+                os.environ["SCP_NODE__STORE__DATABASE_URL"] = postgres.database_url()
+            try:
+                node = start_node(config, port, timeout=300)
+            finally:
+                os.environ.pop("SCP_NODE__STORE__DATABASE_URL", None)
             spy = None
             if args.profile:
                 spy = subprocess.Popen(["py-spy", "record", "-p", str(node.proc.pid), "-r", "250", "--gil", "--threads", "--subprocesses",
@@ -262,12 +304,14 @@ def main() -> None:
                       f"(range {min(values):.2f}-{max(values):.2f})")
         out = REPO / "test-artifacts" / "ingest-bench.json"
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"senders": args.senders, "rounds": args.rounds, "repeat": args.repeat, "fsync_delay_us": args.fsync_delay_us, "instances": n,
+        out.write_text(json.dumps({"database": args.database, "senders": args.senders, "rounds": args.rounds, "repeat": args.repeat, "fsync_delay_us": args.fsync_delay_us, "instances": n,
                                    "association_per_instance": args.association_per_instance,
                                    "megabytes": round(size / 1e6), "cpus": os.cpu_count(), "results": results},
                                   indent=2) + "\n")
         print(f"written {out.relative_to(REPO)}")
     finally:
+        if postgres is not None:
+            postgres.stop()  # and its folder removed
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 

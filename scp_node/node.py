@@ -37,7 +37,7 @@ from .scheduler.analysis import AnalysisQueue
 from .scheduler.completion import SeriesCompletion
 from .scheduler.exports import ExportQueue
 from .scheduler.fleet import ROLES, FleetMember, node_name, requeue_expired
-from .runtime import LOCK_FILE, PID_FILE, open_database
+from .runtime import LOCK_FILE, PID_FILE, open_database, schema_problem
 from .runtime import gpu_memory as _gpu_memory
 from .store.ingest import Ingestor
 
@@ -230,6 +230,8 @@ class Node:
 
     def start(self) -> None:
         c = self.config
+        if (problem := schema_problem(c, self.db)) is not None:  # before the lock: stop() then writes nothing
+            raise StartupError(problem)
         self._lock_var_dir()
         if c.ops is not None:  # first: a monitor sees the start (503 until every part is up)
             self._start_ops()

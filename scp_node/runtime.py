@@ -6,12 +6,15 @@ processes open the index as the node does), so none of them imports another for 
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sys
 from typing import Any
 
 from .audit import AuditTrail, load_or_create_secret
 from .config import Config
 from .store.db import Database
+from .store.schema import SchemaError, ensure_current
 
 #: In ``Config.var_dir``: the node's pid file, doubling as its heartbeat (JSON).
 PID_FILE = "scp-node.pid"
@@ -24,6 +27,31 @@ def open_database(config: Config) -> tuple[Database, AuditTrail]:
     db = Database(config.store.database_url)
     secret = load_or_create_secret(config.audit.secret_file)
     return db, AuditTrail(db, secret)
+
+
+def schema_problem(config: Config, db: Database) -> str | None:
+    """Why the node cannot work on this index's schema (behind this scp_node's: the message names
+    ``scp-node db upgrade``), or None.  ``serve`` stops with it before touching anything."""
+    try:
+        ensure_current(db, config.source)
+    except SchemaError as exc:
+        return str(exc)
+    return None
+
+
+def node_running(config: Config) -> bool:
+    """Whether a node holds the run-time folder's lock (``serve`` with this config runs now)."""
+    try:
+        fd = os.open(config.var_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def gpu_memory() -> dict[str, Any]:

@@ -29,4 +29,4 @@ def main() -> None:
     """scp_node: a DICOM node that analyses series with MedGemma and returns SRs to the PACS."""
 
 
-from . import analyze, audit, exports, models, serve, status  # noqa: E402,F401  (registers the commands)
+from . import analyze, audit, db, exports, models, serve, status  # noqa: E402,F401  (registers the commands)

@@ -24,13 +24,17 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .driver import CoreTransaction, DriverTransaction, IndexTransaction
-from .models import Base
+from .schema import create_if_empty
 
 log = logging.getLogger(__name__)
 
 
 class Database:
-    """The index database: engine, session factory and schema creation."""
+    """The index database: engine, session factory and, on an empty database, the schema.
+
+    A database that has tables is never changed on open: its schema is Alembic's business
+    (``scp-node db upgrade``, :mod:`.schema`), and ``serve`` checks that it is current.
+    """
 
     def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
@@ -54,8 +58,8 @@ class Database:
         self._depth = 0  # sessions open in the thread holding _thread_lock
         self._lock_fd: int | None = None
         self._driver_statements: dict[Any, Any] = {}  # compiled once per process (see .driver)
-        if create:
-            Base.metadata.create_all(self.engine)
+        if create:  # an empty database gets the current schema; any other is left as it is
+            create_if_empty(self)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, UID_dictionary
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from ..audit import AuditTrail, Event
 from ..ops import stats
@@ -155,6 +155,14 @@ def _sha256_file(path: Path) -> str:
         while block := fh.read(_BLOCK):
             h.update(block)
     return h.hexdigest()
+
+
+#: SQLSTATEs of a transaction the server rolled back to resolve a conflict: worth another try.
+_TRANSIENT = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+
+
+def _transient(exc: OperationalError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in _TRANSIENT
 
 
 def _discard(path: Path) -> None:
@@ -426,13 +434,15 @@ class Ingestor:
 
     def _commit_one(self, unit: _Unit) -> None:
         """:meth:`_commit` for one store, retried when another process created the same
-        patient, study or series row first (an IntegrityError on the insert)."""
+        patient, study or series row first (an IntegrityError on the insert), or -- on
+        PostgreSQL -- when the server chose this transaction as a deadlock's victim.  Each try is
+        a new transaction: on PostgreSQL a failed statement aborts the one it ran in."""
         for attempt in range(3):
             try:
                 self._commit([unit])
                 return
-            except IntegrityError:
-                if attempt == 2:
+            except (IntegrityError, OperationalError) as exc:
+                if attempt == 2 or not (isinstance(exc, IntegrityError) or _transient(exc)):
                     raise
 
     def _decide_and_index(self, tx: IndexTransaction,

@@ -60,6 +60,11 @@ def _rows(folder: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
         return con.execute(sql, args).fetchall()
 
 
+def _when(value: Any) -> datetime:
+    """A timestamp column as SQLite (ISO text) or PostgreSQL (a datetime) gives it back."""
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
 def _uids(path: Path) -> tuple[str, str]:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
@@ -201,11 +206,11 @@ def test_closed_query_port_costs_at_most_the_timeout(tmp_path: Path, node_port: 
     [(state, detail, created, finished)] = _rows(
         folder, "select state, detail, created_at, finished_at from prior_fetches")
     assert state == "FAILED" and "orthanc" in detail and "failed (port closed" in detail
-    lookup = (datetime.fromisoformat(finished) - datetime.fromisoformat(created)).total_seconds()
+    lookup = (_when(finished) - _when(created)).total_seconds()
     assert lookup < timeout
     # Push to SR: the completion window, the lookup (bounded by the timeout), the analysis, the export.
     [(started, done)] = _rows(folder, "select started_at, finished_at from analysis_jobs")
-    analysis = (datetime.fromisoformat(done) - datetime.fromisoformat(started)).total_seconds()
+    analysis = (_when(done) - _when(started)).total_seconds()
     assert elapsed < timeout + (analysis - lookup) + 1.0 + 15.0, (elapsed, analysis, lookup)
     assert [o for (o,) in _rows(folder, "select outcome from audit_events where event = 'prior.query'")] == ["failure"]
     assert "prior fetches  0 pending, 1 failed" in status.stdout, status.stdout + status.stderr

@@ -27,6 +27,10 @@ from tests.support.node import NodeProcess, _env, cli, write_config
 from tests.support.orthanc import Orthanc, start_orthanc
 from tests.support.paths import CT_DIR, CXR, REPO, need_data
 
+#: The nodes' shared PostgreSQL index is this module's own (tests/integration/conftest.py: no second
+#: pass with the index override).
+OWN_INDEX = True
+
 pytestmark = pytest.mark.integration
 
 LEASE, BEAT = 10, 2
