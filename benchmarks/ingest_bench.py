@@ -10,7 +10,7 @@ after; writes the figures to
 
     python benchmarks/ingest_bench.py [--senders 4] [--rounds 1] [--repeat 1] [--only scp_node,orthanc,storescp]
                                       [--association-per-instance] [--fsync-delay-us N]
-                                      [--database sqlite|postgresql]
+                                      [--database sqlite|postgresql] [--receivers N]
 
 ``--rounds N`` sends N series per sender per receiver (memory over many instances: 4 senders x
 19 rounds x 133 = 10,108 instances).  scp_node runs as ``scp-node serve`` with the tiny test
@@ -21,6 +21,11 @@ the receive path, durable (fsync) and indexed (SQLite, synchronous=FULL).
 ``postgresql`` binaries, ``initdb`` + ``pg_ctl`` on a free port, as the tests' helper starts it)
 but durable -- fsync, synchronous_commit and full_page_writes on, as a production server runs --
 with a fresh database for each scp_node run, on the same disk as everything else.
+
+``--receivers N`` (with ``--database postgresql``) runs scp_node as N ``serve --role receiver``
+processes, each with its own config, port and run-time folder, sharing that one index, one
+storage folder and one audit key, as a scale-out deployment does; the senders are dealt out to
+them in turn.  Its CPU and memory figures are those of all N together.
 
 ``--fsync-delay-us N`` stands in for a slower disk than the one the benchmark runs on: a small
 ``LD_PRELOAD`` library (``benchmarks/fsync_delay.c``, built with ``cc``) makes every ``fsync`` and
@@ -40,7 +45,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -112,13 +117,14 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return user, system
 
 
-def send_all(port: int, aec: str, batches: list[list[list[Path]]], per_instance: bool = False) -> float:
+def send_all(ports: list[int], aec: str, batches: list[list[list[Path]]], per_instance: bool = False) -> float:
     """One storescu per sender, all at once; each sender sends its batches in one association each
-    (as a modality sends a series); return the wall time until every sender is done.
+    (as a modality sends a series); return the wall time until every sender is done.  Sender i
+    sends to ``ports[i % len(ports)]`` (several receivers of one scale-out index).
 
     ``per_instance``: each sender runs one storescu per file instead (one association per image,
     as many CR/DX modalities do), so association set-up is part of every instance's cost."""
-    def sender(files: list[str], errors: list[str]) -> None:
+    def sender(port: int, files: list[str], errors: list[str]) -> None:
         for f in files:
             r = subprocess.run(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port), f],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
@@ -128,8 +134,8 @@ def send_all(port: int, aec: str, batches: list[list[list[Path]]], per_instance:
     start = time.perf_counter()
     if per_instance:
         errors: list[str] = []
-        threads = [threading.Thread(target=sender, args=([str(p) for b in sb for p in b], errors))
-                   for sb in batches]
+        threads = [threading.Thread(target=sender, args=(ports[i % len(ports)], [str(p) for b in sb for p in b], errors))
+                   for i, sb in enumerate(batches)]
         for t in threads:
             t.start()
         for t in threads:
@@ -138,8 +144,9 @@ def send_all(port: int, aec: str, batches: list[list[list[Path]]], per_instance:
             raise RuntimeError(f"storescu failed: {errors[0]}")
         return time.perf_counter() - start
     procs = []
-    for sender_batches in batches:
+    for i, sender_batches in enumerate(batches):
         files = [str(p) for batch in sender_batches for p in batch]
+        port = ports[i % len(ports)]
         procs.append(subprocess.Popen(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port),
                                        *files], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV))
     outs = [(p.wait(), p.stdout.read().decode(errors="replace") if p.stdout else "") for p in procs]
@@ -174,16 +181,34 @@ def start_durable_postgres() -> PostgresServer:
                           _bin=bin_dir, _user=user)
 
 
-def run_target(name: str, start: Callable[[], tuple[int, str, Callable[[], None], int | None]],
+#: What a receiver's starter returns: its port(s), called AE title, stop, and the pid(s) to measure.
+Started = tuple[list[int], str, Callable[[], None], list[int]]
+
+
+def _summed(pids: list[int], measure: Callable[[int], dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for pid in pids:
+        for key, value in measure(pid).items():
+            total[key] = round(total.get(key, 0.0) + value, 1)
+    return total
+
+
+def _cpu(pids: list[int]) -> tuple[float, float]:
+    times = [cpu_seconds(p) for p in pids]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
+
+
+def run_target(name: str, start: Callable[[], Started],
                batches: list[list[list[Path]]], n: int, size: int, per_instance: bool = False) -> dict[str, object]:
-    port, aec, stop, pid = start()
+    ports, aec, stop, pids = start()
+    pid = bool(pids)
     try:
-        before = rss_mib(pid) if pid else {}
-        cpu0 = cpu_seconds(pid) if pid else (0.0, 0.0)
-        seconds = send_all(port, aec, batches, per_instance)
-        cpu1 = cpu_seconds(pid) if pid else (0.0, 0.0)
+        before = _summed(pids, rss_mib)
+        cpu0 = _cpu(pids)
+        seconds = send_all(ports, aec, batches, per_instance)
+        cpu1 = _cpu(pids)
         user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
-        after = rss_mib(pid) if pid else {}
+        after = _summed(pids, rss_mib)
     finally:
         stop()
     row: dict[str, object] = {"instances": n, "seconds": round(seconds, 2), "instances_per_s": round(n / seconds, 1),
@@ -214,7 +239,11 @@ def main() -> None:
                     help="make every fsync of the receivers N microseconds slower (a slower disk)")
     ap.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
                     help="scp_node's index (postgresql: a throw-away durable cluster started here)")
+    ap.add_argument("--receivers", type=int, default=1,
+                    help="scp_node as N 'serve --role receiver' processes on one index (needs --database postgresql)")
     args = ap.parse_args()
+    if args.receivers > 1 and args.database != "postgresql":
+        ap.error("--receivers > 1 needs --database postgresql (SQLite serves one node)")
     targets = args.only.split(",")
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     postgres: PostgresServer | None = None
@@ -229,29 +258,28 @@ def main() -> None:
         n = sum(len(b) for sb in batches for b in sb)
         size = sum(p.stat().st_size for sb in batches for b in sb for p in b)
         print(f"{args.senders} concurrent storescu senders x {args.rounds} series x {len(files)} slices = {n} "
-              f"instances, {size / 1e6:.0f} MB; cpus {os.cpu_count()}; scp_node's index on {args.database}",
+              f"instances, {size / 1e6:.0f} MB; cpus {os.cpu_count()}; scp_node's index on {args.database}"
+              + (f", {args.receivers} receivers" if args.receivers > 1 else ""),
               flush=True)
         results: dict[str, dict[str, object]] = {}
 
-        def scp_node() -> tuple[int, str, Callable[[], None], int | None]:
-            folder = work / f"scp_node-{rep}"
-            folder.mkdir()
+        def scp_node() -> Started:
             model = work / "model"
             if not model.exists():
                 r = cli("make-test-model", str(model))
                 assert r.returncode == 0, r.stderr
-            port = free_port()
-            config = write_config(folder, model_dir=model, port=port, stable_seconds=36000,
-                                  peers=[("STORESCU", "127.0.0.1")])
-            if postgres is not None:  # the config's environment override, inherited by the node
-                os.environ["SCP_NODE__STORE__DATABASE_URL"] = postgres.database_url()
+            url = postgres.database_url() if postgres is not None else ""
+            nodes = []
             try:
-                node = start_node(config, port, timeout=300)
-            finally:
-                os.environ.pop("SCP_NODE__STORE__DATABASE_URL", None)
+                for i in range(args.receivers):
+                    nodes.append(_scp_node_process(work / f"scp_node-{rep}", i, model, url, args.receivers))
+            except BaseException:
+                for node in nodes:
+                    node.stop()
+                raise
             spy = None
             if args.profile:
-                spy = subprocess.Popen(["py-spy", "record", "-p", str(node.proc.pid), "-r", "250", "--gil", "--threads", "--subprocesses",
+                spy = subprocess.Popen(["py-spy", "record", "-p", str(nodes[0].proc.pid), "-r", "250", "--gil", "--threads", "--subprocesses",
                                         "--format", "raw", "-o", str(args.profile), "--nonblocking"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
@@ -260,14 +288,15 @@ def main() -> None:
                 if spy is not None:
                     spy.send_signal(2)
                     spy.wait(timeout=60)
-                node.stop()
-            return port, "SCPNODE", stop, node.proc.pid
+                for node in nodes:
+                    node.stop()
+            return [node.port for node in nodes], "SCPNODE", stop, [node.proc.pid for node in nodes]
 
-        def orthanc() -> tuple[int, str, Callable[[], None], int | None]:
+        def orthanc() -> Started:
             o = start_orthanc(work / f"orthanc-{rep}", {})
-            return o.dicom_port, "ORTHANC", o.stop, o.proc.pid
+            return [o.dicom_port], "ORTHANC", o.stop, [o.proc.pid]
 
-        def storescp() -> tuple[int, str, Callable[[], None], int | None]:
+        def storescp() -> Started:
             out = work / f"storescp-{rep}"
             out.mkdir()
             port = free_port()
@@ -278,7 +307,7 @@ def main() -> None:
             def stop() -> None:
                 p.terminate()
                 p.wait(timeout=20)
-            return port, "STORESCP", stop, None
+            return [port], "STORESCP", stop, []
 
         starters = {"scp_node": scp_node, "orthanc": orthanc, "storescp": storescp}
         runs: dict[str, list[dict[str, object]]] = {t: [] for t in targets}
@@ -304,7 +333,7 @@ def main() -> None:
                       f"(range {min(values):.2f}-{max(values):.2f})")
         out = REPO / "test-artifacts" / "ingest-bench.json"
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"database": args.database, "senders": args.senders, "rounds": args.rounds, "repeat": args.repeat, "fsync_delay_us": args.fsync_delay_us, "instances": n,
+        out.write_text(json.dumps({"database": args.database, "receivers": args.receivers, "senders": args.senders, "rounds": args.rounds, "repeat": args.repeat, "fsync_delay_us": args.fsync_delay_us, "instances": n,
                                    "association_per_instance": args.association_per_instance,
                                    "megabytes": round(size / 1e6), "cpus": os.cpu_count(), "results": results},
                                   indent=2) + "\n")
@@ -314,6 +343,28 @@ def main() -> None:
             postgres.stop()  # and its folder removed
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _scp_node_process(root: Path, i: int, model: Path, database_url: str, receivers: int) -> Any:
+    """scp_node receiver ``i`` of ``receivers`` in ``root``: ``serve`` with the tiny test model and
+    a series window long enough that no analysis runs while it receives.  One receiver is the
+    whole node on its own index (SQLite, or ``database_url``); several are ``--role receiver``
+    processes with their own config, port and run-time folder, sharing ``database_url``, one
+    storage folder and one audit key (as ``tests/integration/test_scale_out.py`` sets them up)."""
+    folder = root / f"receiver-{i}"
+    folder.mkdir(parents=True)
+    port = free_port()
+    config = write_config(folder, model_dir=model, port=port, stable_seconds=36000,
+                          peers=[("STORESCU", "127.0.0.1")])
+    if database_url:
+        body = config.read_text().replace(f'database_url = "sqlite:///{folder}/index.db"',
+                                          f'database_url = "{database_url}"')
+        if receivers > 1:
+            body = body.replace(f'storage_dir = "{folder}/storage"',
+                                f'storage_dir = "{root}/storage"\nvar_dir = "{folder}/var"')
+            body = body.replace(f'secret_file = "{folder}/audit.key"', f'secret_file = "{root}/audit.key"')
+        config.write_text(body)
+    return start_node(config, port, timeout=300, role="receiver" if receivers > 1 else None)
 
 
 if __name__ == "__main__":

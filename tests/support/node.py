@@ -84,10 +84,13 @@ def _check_receive_path(node: NodeProcess) -> None:
                            + node.output()[-2000:])
 
 
-def start_node(config: Path, port: int, log_name: str = "node.log", timeout: float = 120) -> NodeProcess:
+def start_node(config: Path, port: int, log_name: str = "node.log", timeout: float = 120,
+               role: str | None = None) -> NodeProcess:
+    """``serve`` (with ``--role`` when given: a receiver here; workers open no port) until it listens."""
     log = config.parent / log_name
     fh = open(log, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "scp_node", "serve", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "scp_node", "serve", "--config", str(config),
+                             *(["--role", role] if role else [])],
                             stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=_env(), stdin=subprocess.DEVNULL)
     node = NodeProcess(proc, config, port, log)
     try:
