@@ -8,9 +8,11 @@ module-scoped fixture starts a node) and one per test.  The tests look into the 
 ``sqlite3.connect(<folder>/index.db)``; in the PostgreSQL pass their module's ``sqlite3`` is
 swapped for :class:`IndexOnPostgres`, which opens that test's database instead.
 
-``-m "not postgresql"`` runs the SQLite pass only.  The PostgreSQL pass runs each network test on
-the fast receive path only: the receive path (``receive_path``) and the index are independent,
-and both receive paths are already run on SQLite.
+``-m "not postgresql"`` runs the SQLite pass only.  A network test that runs on both receive
+paths (``receive_path``) runs the fast path on SQLite and pynetdicom's own path on PostgreSQL: the
+receive path and the index are independent (the receive path hands the index the same rows
+either way), so each path and each database still run every such test, at the cost of two runs
+instead of four (tests/dimse, tests/faults and tests/web run both paths on SQLite too).
 """
 
 from __future__ import annotations
@@ -57,12 +59,21 @@ def index_database(index_backend: str, request: pytest.FixtureRequest) -> Iterat
     server.drop_database(url)
 
 
+#: The receive path each index runs a network test on (see the module docstring).
+PATH_FOR_INDEX = {"sqlite": "fast", "postgresql": "library"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The PostgreSQL pass on the fast receive path only (see the module docstring), and not for
-    a module that sets ``OWN_INDEX = True``: it gives its nodes their index itself (the scale-out
+    """Each receive path on one index (see the module docstring); and no PostgreSQL pass for a
+    module that sets ``OWN_INDEX = True``: it gives its nodes their index itself (the scale-out
     test's shared PostgreSQL database), so the override would only run it again."""
-    dropped = [item for item in items if _param(item, "index_backend") == "postgresql"
-               and (_param(item, "receive_path") == "library" or getattr(item.module, "OWN_INDEX", False))]
+    def drop(item: pytest.Item) -> bool:
+        backend, path = _param(item, "index_backend"), _param(item, "receive_path")
+        if backend == "postgresql" and getattr(item.module, "OWN_INDEX", False):
+            return True
+        return path is not None and backend is not None and PATH_FOR_INDEX[backend] != path
+
+    dropped = [item for item in items if drop(item)]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = [item for item in items if item not in set(dropped)]
