@@ -36,7 +36,7 @@ from .scheduler import analysis, exports
 from .scheduler.analysis import AnalysisQueue
 from .scheduler.completion import SeriesCompletion
 from .scheduler.exports import ExportQueue
-from .scheduler.fleet import ROLES, FleetMember, node_name, requeue_expired
+from .scheduler.fleet import ROLES, FleetMember, dead_claimants_here, node_name, requeue_expired
 from .runtime import LOCK_FILE, PID_FILE, open_database, schema_problem
 from .runtime import gpu_memory as _gpu_memory
 from .store.ingest import Ingestor
@@ -305,8 +305,10 @@ class Node:
 
         On SQLite there is one node: every RUNNING job and SENDING export was this node's, in a
         previous life, and runs again now.  On a shared index only the work nobody can still be
-        doing is taken back (no claimant, or a lapsed lease; the claims of a worker that died
-        lapse after ``claim_lease_seconds``), and the storage sweep (temporary and unindexed
+        doing is taken back (no claimant, a lapsed lease, or a claimant that was a process of this
+        host and is gone -- a node restarted after kill -9 takes its own work back at once; a
+        worker that died elsewhere lets its claims lapse after ``claim_lease_seconds``), and the
+        storage sweep (temporary and unindexed
         files) runs only when no other node is live: another node's file between its write and
         its index commit looks exactly like a crash's leftover.
         """
@@ -320,8 +322,10 @@ class Node:
             self.ingestor.recover()
         if not self.works:
             return
-        n_jobs = analysis.requeue_interrupted(self.db, self.audit, c.scheduler.max_analysis_attempts, shared=shared)
-        n_exp = exports.requeue_interrupted(self.db, self.audit, shared=shared)
+        dead = dead_claimants_here(self.db) if shared else []  # this host's processes gone (kill -9)
+        n_jobs = analysis.requeue_interrupted(self.db, self.audit, c.scheduler.max_analysis_attempts, shared=shared,
+                                              dead=dead)
+        n_exp = exports.requeue_interrupted(self.db, self.audit, shared=shared, dead=dead)
         if n_jobs or n_exp:
             log.info("recovered %d interrupted analysis jobs and %d interrupted exports", n_jobs, n_exp)
 

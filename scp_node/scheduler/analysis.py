@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -75,7 +75,7 @@ class _Claim:
 
 
 def requeue_interrupted(db: Database, audit: AuditTrail, max_attempts: int | None = None, *,
-                        shared: bool = False, now: datetime | None = None) -> int:
+                        shared: bool = False, now: datetime | None = None, dead: Sequence[str] = ()) -> int:
     """Put jobs left RUNNING by a stop back to PENDING; return how many were queued again.
 
     A job that was interrupted on its last allowed attempt is FAILED instead: a series that
@@ -83,15 +83,16 @@ def requeue_interrupted(db: Database, audit: AuditTrail, max_attempts: int | Non
     and hold up every series behind it.
 
     ``shared`` (an index other workers use): only the jobs nobody can still be working on --
-    no claimant (written before claims existed) or a lapsed lease.  A job another live worker
-    holds is not this starting worker's to take; its own claims from a previous life lapse too.
+    no claimant (written before claims existed), a lapsed lease, or a claimant in ``dead`` (a
+    process of this host that no longer exists: scheduler.fleet.dead_claimants_here).  A job
+    another live worker holds is not this starting worker's to take.
     """
     requeued = 0
     with db.session() as session:
         q = select(AnalysisJob).where(AnalysisJob.state == JobState.RUNNING)
         if shared:
             q = q.where(or_(AnalysisJob.claimed_by == "", AnalysisJob.lease_until.is_(None),
-                            AnalysisJob.lease_until < (now or utcnow())))
+                            AnalysisJob.lease_until < (now or utcnow()), AnalysisJob.claimed_by.in_(list(dead))))
         for job in session.scalars(q.with_for_update(skip_locked=True, of=AnalysisJob)).all():
             requeued += requeue_job(session, audit, job, max_attempts,
                                     f"job {job.id} was interrupted on attempt {job.attempts}; queued again")

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -43,16 +43,17 @@ class _Claim:
 
 
 def requeue_interrupted(db: Database, audit: AuditTrail, *, shared: bool = False,
-                        now: datetime | None = None) -> int:
+                        now: datetime | None = None, dead: Sequence[str] = ()) -> int:
     """Put exports left SENDING by a stop back to PENDING; return how many.
 
     ``shared`` (an index other workers use): only those nobody can still be sending -- no
-    claimant (written before claims existed) or a lapsed lease."""
+    claimant (written before claims existed), a lapsed lease, or a claimant in ``dead`` (a
+    process of this host that no longer exists)."""
     with db.session() as session:
         q = select(ExportJob).where(ExportJob.state == ExportState.SENDING)
         if shared:
             q = q.where(or_(ExportJob.claimed_by == "", ExportJob.lease_until.is_(None),
-                            ExportJob.lease_until < (now or utcnow())))
+                            ExportJob.lease_until < (now or utcnow()), ExportJob.claimed_by.in_(list(dead))))
         jobs = session.scalars(q.with_for_update(skip_locked=True, of=ExportJob)).all()
         for job in jobs:
             requeue_export(session, audit, job, f"export {job.id} to {job.destination} was interrupted; queued again")

@@ -69,6 +69,39 @@ def requeue_expired(db: Database, audit: AuditTrail, max_attempts: int | None = 
     return n_jobs, len(exports)
 
 
+def dead_claimants_here(db: Database, host: str | None = None) -> list[str]:
+    """The claimants of RUNNING analyses and SENDING exports that were processes of this host and
+    no longer exist (``host:pid:role`` with that pid gone): a node restarted after ``kill -9``
+    takes their work back at once instead of waiting ``claim_lease_seconds`` for their leases.
+
+    Only this host's processes can be checked (``kill(pid, 0)``), so hostnames must be unique in a
+    fleet; a pid reused by another process counts as alive, and that claim lapses as any other.
+    """
+    host = host or socket.gethostname()
+    with db.session() as session:
+        names = set(session.scalars(select(AnalysisJob.claimed_by).where(
+            AnalysisJob.state == JobState.RUNNING, AnalysisJob.claimed_by.startswith(f"{host}:"))))
+        names |= set(session.scalars(select(ExportJob.claimed_by).where(
+            ExportJob.state == ExportState.SENDING, ExportJob.claimed_by.startswith(f"{host}:"))))
+    return sorted(n for n in names if not _alive(n))
+
+
+def _alive(name: str) -> bool:
+    try:
+        pid = int(name.rsplit(":", 2)[1])
+    except (IndexError, ValueError):
+        return True  # not a name this code wrote: leave it to its lease
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
 def _expired(worker: str) -> str:
     return f"claim expired: worker {worker or '(unnamed)'} stopped renewing"
 

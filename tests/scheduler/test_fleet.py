@@ -116,3 +116,29 @@ def test_export_claims_count_too(db: Database) -> None:
         s.add(ExportJob(report=report, destination="pacs", state=ExportState.SENDING,
                         claimed_by=w.name))
     assert listed(db)[w.name]["claims"] == 1
+
+
+def test_claims_of_a_dead_process_of_this_host_are_taken_back_at_start(db: Database) -> None:
+    """A node restarted after kill -9 takes back the work its previous process held at once
+    (its pid is gone on this host); a live process's claim, one of another host and one whose
+    lease still runs are left to their leases."""
+    from scp_node.audit import AuditTrail
+    from scp_node.scheduler.analysis import requeue_interrupted
+    from scp_node.scheduler.fleet import dead_claimants_here
+
+    gone = 2 ** 22 + 12345  # above the kernel's pid_max default: no such process
+    host = socket.gethostname()
+    claimants = [f"{host}:{gone}:all", f"{host}:{os.getpid()}:worker", f"elsewhere:{gone}:worker"]
+    make_series(db, len(claimants))
+    until = utcnow() + timedelta(minutes=5)
+    with db.session() as s:
+        jobs = s.scalars(select(AnalysisJob).order_by(AnalysisJob.id)).all()
+        for job, name in zip(jobs, claimants):
+            job.state, job.claimed_by, job.lease_until, job.attempts = JobState.RUNNING, name, until, 1
+    assert dead_claimants_here(db) == [f"{host}:{gone}:all"]
+    audit = AuditTrail(db, b"k" * 32)
+    assert requeue_interrupted(db, audit, 3, shared=True) == 0  # every lease still runs
+    assert requeue_interrupted(db, audit, 3, shared=True, dead=dead_claimants_here(db)) == 1
+    with db.session() as s:
+        states = [(j.claimed_by, j.state) for j in s.scalars(select(AnalysisJob).order_by(AnalysisJob.id))]
+    assert states == [("", JobState.PENDING), (claimants[1], JobState.RUNNING), (claimants[2], JobState.RUNNING)]
