@@ -121,6 +121,21 @@ def test_the_repo_demo_config_loads() -> None:
     assert c.store.database_url.startswith("sqlite:////")  # made absolute
 
 
+def test_the_repo_medgemma_config_loads_and_its_commented_priors_table_too(tmp_path: Path) -> None:
+    """config/medgemma.toml as shipped, and with its [[priors]] example switched on."""
+    shipped = Path(__file__).resolve().parents[1] / "config" / "medgemma.toml"
+    c = load(shipped, environ={})
+    assert c.scheduler.compare_priors is True and c.priors == ()
+    text = shipped.read_text()
+    block = text[text.index("# [[priors]]"):text.index("# HL7 v2.5.1")]
+    enabled = text.replace(block, "\n".join(line[2:] if line.startswith("# ") and "=" in line or
+                                            line.startswith("# [[") else line for line in block.splitlines()) + "\n")
+    (tmp_path / "node.toml").write_text(enabled)
+    priors = load(tmp_path / "node.toml", environ={}).priors
+    assert [(p.name, p.ae_title, p.port, p.retrieve, p.move_destination) for p in priors] == \
+        [("pacs", "PACS", 104, "c-move", "SCPNODE")]
+
+
 # -- relative paths ---------------------------------------------------------------------------
 
 def test_relative_paths_do_not_depend_on_the_working_directory(tmp_path: Path,
