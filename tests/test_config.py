@@ -335,3 +335,29 @@ def test_destination_modalities_routing_rule(tmp_path: Path) -> None:
     path.write_text('[[destinations]]\nname = "x"\nae_title = "P"\nhost = "h"\nport = 1\nmodalities = "CT"\n')
     with pytest.raises(ConfigError, match="modalities"):
         load_config(path, environ={})
+
+
+# -- priors and scale-out --------------------------------------------------------------------
+
+PRIOR = '[[priors]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.0.0.10"\nport = 104\n'
+
+
+@pytest.mark.parametrize("extra, message", [
+    (PRIOR.replace('port = 104\n', ''), "needs port"),
+    (PRIOR + 'retrieve = "c-push"\n', "use 'c-move' or 'c-get'"),
+    (PRIOR + 'timeout_seconds = 0\n', "timeout_seconds > 0"),
+    (PRIOR + 'lookback = 10\n', "unknown keys ['lookback']"),
+    (PRIOR + PRIOR, "[[priors]] names must be unique"),
+    ("[scheduler]\nclaim_lease_seconds = 5\n", "claim_lease_seconds must be >= 10"),
+    ("[scheduler]\nclaim_lease_seconds = 20\nheartbeat_seconds = 15\n", "at least twice heartbeat_seconds"),
+])
+def test_priors_and_lease_mistakes_are_refused_with_the_key(tmp_path: Path, extra: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, extra)
+    assert message in str(err.value)
+
+
+def test_a_prior_source_moves_to_the_node_by_default(tmp_path: Path) -> None:
+    c = load_text(tmp_path, '[node]\nae_title = "NODE7"\n' + PRIOR + 'retrieve = "C-GET"\n')
+    (src,) = c.priors
+    assert (src.move_destination, src.retrieve, src.lookback_days, src.timeout_seconds) == ("NODE7", "c-get", 1825, 30.0)
