@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,52 +31,21 @@ from . import __version__
 from .audit import Event
 from .config import Config
 from .engine.result import AnalysisResult
-from .export import send_c_store
+from .export.dispatch import send_result
 from .ops import stats
 from .scheduler import analysis, exports
 from .scheduler.analysis import AnalysisQueue
 from .scheduler.completion import SeriesCompletion
 from .scheduler.exports import ExportQueue
-from .scheduler.fleet import ROLES, FleetMember, dead_claimants_here, node_name, requeue_expired
+from .scheduler.fleet import FleetMember, dead_claimants_here, node_name, requeue_expired
 from .runtime import LOCK_FILE, PID_FILE, open_database, schema_problem
 from .runtime import gpu_memory as _gpu_memory
+from .startup import StartupError, check_role, load_engine, prepare_model_dir
 from .store.ingest import Ingestor
 
 log = logging.getLogger(__name__)
 
-
-class StartupError(RuntimeError):
-    """The node cannot start; the message tells the admin what to fix."""
-
-
-def prepare_model_dir(config: Config) -> None:
-    """Check the model folder; create the tiny test model only where the config asks for it."""
-    from .engine.modeldir import ModelDirError, check_model_dir
-
-    model_dir = config.engine.model_dir
-    if config.engine.create_test_model and not model_dir.exists():
-        from .engine.testmodel import make_test_model
-
-        log.warning("creating a tiny random TEST model in %s (engine.create_test_model = true); "
-                    "its reports have no clinical meaning", model_dir)
-        make_test_model(model_dir)
-    try:
-        check_model_dir(model_dir)
-    except ModelDirError as exc:
-        raise StartupError(f"{exc}\nSet [engine] model_dir to a folder holding MedGemma 1.5 weights "
-                           "(config.json, *.safetensors, tokenizer and processor files), copied in offline; "
-                           "see README 'Real MedGemma weights'.") from None
-
-
-def check_role(role: str, database_url: str) -> None:
-    """Refuse a role the index cannot serve: receivers and workers share one index across
-    processes and machines, which SQLite (a local file, one writer) cannot be."""
-    if role not in ROLES:
-        raise StartupError(f"unknown role {role!r} (use one of: {', '.join(ROLES)})")
-    if role != "all" and database_url.startswith("sqlite"):
-        raise StartupError(f"--role {role} needs a shared PostgreSQL index: SQLite serves one node on one "
-                           "machine (role 'all'). Set [store] database_url = \"postgresql+psycopg://...\" in "
-                           "every node's config, with one shared storage_dir, or serve with --role all.")
+__all__ = ["Node", "StartupError", "check_role", "prepare_model_dir"]
 
 
 class Node:
@@ -106,41 +76,8 @@ class Node:
 
     # -- analysis ----------------------------------------------------------------------------
     def _load_engine(self) -> Any:
-        e = self.config.engine
-        if e.backend == "openai":
-            return self._load_served_engine()
-        from .engine.medgemma import MedGemmaEngine
-        from .engine.schema import engine_bounds
-
-        engine = MedGemmaEngine(e.model_dir, device=e.device, max_new_tokens=e.max_new_tokens,
-                                ct_max_slices=e.ct_max_slices, prompt_profiles=e.prompts or None,
-                                structured=e.structured, language=e.language, max_batch=e.max_batch,
-                                compile=e.compile, schema_bounds=engine_bounds(e), answer_mode=e.answer_mode, thinking=e.thinking)
-        engine.load()
-        if e.compile:
-            from .engine.warmup import warm_up
-
-            warm_up(engine)  # compile now, not on the first patient's series
-        ident = engine.identity
-        log.info("model loaded: %s %s on %s (%s)%s", ident.name, ident.version, ident.device, ident.dtype,
-                 " — TEST MODEL" if ident.is_test_model else "")
-        return engine
-
-    def _load_served_engine(self) -> Any:
-        """``[engine] backend = "openai"``: the model runs in an OpenAI-compatible server (vLLM); the
-        node checks the server's address (loopback or allowed_hosts) and asks it what it serves."""
-        from .engine.egress import EgressError
-        from .engine.openai_backend import BackendStartError, OpenAIBackend
-
-        try:
-            engine = OpenAIBackend.from_config(self.config.engine, audit=self.audit)
-            engine.load()
-        except (BackendStartError, EgressError, ValueError) as exc:
-            raise StartupError(f"[engine] backend = 'openai': {exc}") from None
-        ident = engine.identity
-        log.info("model served: %s %s by %s%s", ident.name, ident.version, engine.url,
-                 " — TEST MODEL" if ident.is_test_model else "")
-        return engine
+        """The model of ``[engine]``, loaded (in this process, or asked of its server)."""
+        return load_engine(self.config, self.audit)
 
     def _build_report(self, evidence: list[Dataset], result: AnalysisResult) -> Dataset:
         from .report import ReportingNode, build_measurement_report
@@ -175,27 +112,7 @@ class Node:
                                    skip_exceptions=(SeriesSkipped,), notify_not_analysed=c.report.notify_not_analysed,
                                    priors=self._prior_lookup(), worker=self.name,
                                    lease_seconds=c.scheduler.claim_lease_seconds)
-        timeout = c.node.network_timeout
-
-        def send(dest: Any, path: Path) -> object:
-            with stats.timed(f"export_{dest.kind}"):
-                return _send(dest, path)
-
-        def _send(dest: Any, path: Path) -> object:
-            if dest.kind == "webhook":
-                from .export.webhook import send_webhook
-
-                return send_webhook(dest, path)
-            if dest.kind == "hl7":
-                from .export.hl7 import send_hl7
-
-                return send_hl7(dest, path, timeout=dest.ack_timeout_seconds, index=self.db)
-            if dest.kind == "dicomweb":
-                from .export.stow import send_stow
-
-                return send_stow(dest, path, timeout=timeout)
-            return send_c_store(dest, path, calling_ae_title=c.node.ae_title, timeout=timeout)
-
+        send = partial(send_result, calling_ae_title=c.node.ae_title, timeout=c.node.network_timeout, index=self.db)
         export_q = ExportQueue(self.db, self.audit, c.store.storage_dir,
                                c.destinations + c.hl7_destinations + c.webhooks, c.export, send,
                                worker=self.name, lease_seconds=c.scheduler.claim_lease_seconds)
