@@ -173,10 +173,11 @@ def start_durable_postgres() -> PostgresServer:
     if user is not None:
         shutil.chown(folder, user)
     port = free_port()
-    _run(bin_dir / "initdb", ["-D", str(folder / "data"), "-A", "trust", "-U", "postgres", "-E", "UTF8"], user)
+    _run(bin_dir / "initdb", ["-D", str(folder / "data"), "-A", "trust", "-U", "postgres", "-E", "UTF8"], user,
+         cwd=folder)
     opts = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200"
     _run(bin_dir / "pg_ctl", ["-D", str(folder / "data"), "-o", opts, "-l", str(folder / "server.log"),
-                              "-w", "-t", "60", "start"], user)
+                              "-w", "-t", "60", "start"], user, cwd=folder)
     return PostgresServer(url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", _folder=folder,
                           _bin=bin_dir, _user=user)
 

@@ -85,16 +85,20 @@ class PostgresServer:
         if self._folder is None or self._bin is None:
             return
         _run(self._bin / "pg_ctl", ["-D", str(self._folder / "data"), "-m", "immediate", "-w", "stop"],
-             self._user, check=False)
+             self._user, check=False, cwd=self._folder)
         shutil.rmtree(self._folder, ignore_errors=True)
         self._folder = None
 
 
-def _run(program: Path, args: list[str], user: str | None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def _run(program: Path, args: list[str], user: str | None, check: bool = True,
+         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL program (as ``user`` when given), in ``cwd``: a folder that user can
+    enter (initdb and pg_ctl look at their working directory; a checkout under /root is not one)."""
     cmd = [str(program), *args]
     if user is not None:
         cmd = ["runuser", "-u", user, "--", *cmd]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                            cwd=str(cwd) if cwd is not None else None)
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -120,10 +124,10 @@ def start_postgres() -> PostgresServer:
         shutil.chown(folder, user)
     port = free_port()
     _run(bin_dir / "initdb", ["-D", str(folder / "data"), "-A", "trust", "-U", "postgres", "-E", "UTF8",
-                              "--no-sync"], user)
+                              "--no-sync"], user, cwd=folder)
     opts = (f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=400 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
     _run(bin_dir / "pg_ctl", ["-D", str(folder / "data"), "-o", opts, "-l", str(folder / "server.log"),
-                              "-w", "-t", "60", "start"], user)
+                              "-w", "-t", "60", "start"], user, cwd=folder)
     return PostgresServer(url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", _folder=folder,
                           _bin=bin_dir, _user=user)
